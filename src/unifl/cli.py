@@ -1,0 +1,71 @@
+"""The `unifl` command line: thin adapters that parse arguments and call the library.
+
+Every command takes the configuration the same way: `--params params.yaml`,
+an optional `--preset ci`, and any number of `--set stage.key=value`.
+Heavy imports stay inside the commands so `unifl --help` is fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from unifl.config import ConfigError, Params, load_params
+
+app = typer.Typer(
+    help="UniFL: unified feedback learning for Stable Diffusion.", no_args_is_help=True
+)
+toy_app = typer.Typer(help="The toy world: data, tiny models, bootstrap.", no_args_is_help=True)
+stage_app = typer.Typer(
+    help="One pipeline stage (called by DVC and KFP components).", no_args_is_help=True
+)
+labeling_app = typer.Typer(
+    help="Label Studio: serve, push tasks, pull annotations.", no_args_is_help=True
+)
+config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+app.add_typer(toy_app, name="toy")
+app.add_typer(stage_app, name="stage")
+app.add_typer(labeling_app, name="labeling")
+app.add_typer(config_app, name="config")
+
+ParamsOpt = Annotated[Path, typer.Option("--params", help="The params file.")]
+PresetOpt = Annotated[str | None, typer.Option("--preset", help="A packaged preset, e.g. 'ci'.")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a value: stage.key=value (repeatable).")
+]
+
+
+def load(params: Path, preset: str | None, overrides: list[str] | None) -> Params:
+    """Load the configuration or exit with the error's message (no traceback)."""
+    try:
+        return load_params(params, preset=preset, overrides=overrides or [])
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@config_app.command("show")
+def config_show(
+    params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None
+) -> None:
+    """Print the resolved configuration."""
+    from unifl.config import params_to_yaml
+
+    typer.echo(params_to_yaml(load(params, preset, set_)))
+
+
+@config_app.command("describe")
+def config_describe() -> None:
+    """Print every field with its default and description."""
+    from unifl.config import describe_params
+
+    typer.echo(describe_params())
+
+
+# Commands of the stages are added below, one function each, by the modules' owners.
+
+
+if __name__ == "__main__":
+    app()

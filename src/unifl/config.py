@@ -1,0 +1,400 @@
+"""Typed configuration for every stage, loaded from one `params.yaml`.
+
+`params.yaml` is grouped per stage (as DVC expects); each group is a pydantic
+model below whose fields carry their default and a description. Defaults come
+from the UniFL paper where it gives one (see the field descriptions).
+
+Loading order: the model defaults, then `params.yaml` (or another file), then
+an optional preset (a partial YAML file, e.g. the tiny `ci` preset), then
+command-line overrides `stage.key=value`. An unknown key or a value of the
+wrong type is a `ConfigError` naming the key and the file it came from.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DIMENSIONS: tuple[str, ...] = ("color", "layout", "detail", "lighting")
+"""The aesthetic dimensions of decoupled feedback learning, in a fixed order."""
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown or invalid; the message names key and source."""
+
+
+class Section(BaseModel):
+    """Base of every stage section: unknown keys are errors, values are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ProjectConfig(Section):
+    seed: int = Field(0, description="Global seed; every stage derives its own seeds from it.")
+    work_dir: str = Field("runs", description="Directory under which stages write outputs.")
+    device: str = Field(
+        "auto", description="'auto' (cuda if available, else cpu), 'cpu' or 'cuda'."
+    )
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="Compute dtype on GPU; CPU always runs fp32."
+    )
+    vae_fp32: bool = Field(
+        True, description="Keep the VAE in fp32 under mixed precision (SDXL's fp16 VAE gives NaNs)."
+    )
+
+
+class ToyConfig(Section):
+    resolution: Literal[32, 64] = Field(32, description="Side of the toy images in pixels.")
+    min_objects: int = Field(1, ge=1, description="Fewest objects in a toy scene.")
+    max_objects: int = Field(3, ge=1, le=3, description="Most objects in a toy scene.")
+    num_train: int = Field(
+        4000, ge=1, description="Toy training images (VAE, base model, segmenter)."
+    )
+    num_eval: int = Field(256, ge=1, description="Held-out toy images for evaluation.")
+    seed: int = Field(1234, description="Seed of the toy data generator.")
+
+
+class BootstrapConfig(Section):
+    family: Literal["sd15", "sdxl"] = Field("sd15", description="Family of the toy base model.")
+    cache_dir: str = Field(
+        ".cache/unifl/toy", description="Bootstrap outputs are cached here by config hash."
+    )
+    vae_steps: int = Field(1500, ge=0, description="Training steps of the toy VAE.")
+    unet_steps: int = Field(4000, ge=0, description="Training steps of the toy UNet.")
+    segmenter_steps: int = Field(800, ge=0, description="Training steps of the toy segmenter.")
+    batch_size: int = Field(64, ge=1, description="Batch size of every bootstrap trainer.")
+    learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate of the bootstrap.")
+
+
+class ModelConfig(Section):
+    source: str = Field(
+        "toy",
+        description="Base model: 'toy' (the bootstrapped toy model), a diffusers directory, "
+        "or a hub id (production).",
+    )
+    family: Literal["auto", "sd15", "sdxl"] = Field(
+        "auto", description="Model family; 'auto' reads it from the checkpoint."
+    )
+    revision: str | None = Field(None, description="Hub revision when `source` is a hub id.")
+
+
+class SamplingConfig(Section):
+    steps: int = Field(20, ge=1, description="DDIM inference steps (paper: 20).")
+    guidance_scale: float = Field(7.5, ge=1.0, description="Classifier-free guidance scale.")
+    timestep_spacing: Literal["leading", "trailing", "linspace"] = Field(
+        "leading", description="DDIM timestep spacing; 'trailing' for few-step inference."
+    )
+    batch_size: int = Field(16, ge=1, description="Prompts per sampling batch.")
+
+
+class CurateConfig(Section):
+    min_words: int = Field(2, ge=1, description="Drop prompts with fewer words.")
+    max_words: int = Field(60, ge=1, description="Drop prompts with more words.")
+    max_chars: int = Field(1000, ge=1, description="Drop prompts longer than this (characters).")
+    blocked_words: list[str] = Field(
+        default_factory=list, description="Drop prompts with any of these words."
+    )
+    near_duplicate_threshold: float = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="Cosine similarity above which two prompts are near-duplicates.",
+    )
+    tau1: int = Field(
+        1,
+        ge=0,
+        description="Semantic filter: keep prompts whose richest entity has >= tau1 "
+        "attributes/relations (paper: 1).",
+    )
+    tau2: float = Field(
+        0.8, gt=0, le=1, description="Nearest-neighbour compression cosine threshold (paper: 0.8)."
+    )
+    num_prompts: int = Field(
+        512, ge=1, description="Prompts sampled after compression (paper: 100k)."
+    )
+    block_size: int = Field(4096, ge=1, description="Rows per block of the blockwise similarity.")
+
+
+class PairsConfig(Section):
+    steps: int = Field(20, ge=1, description="Sampling steps of the pair images.")
+    guidance_scale: float = Field(7.5, ge=1.0, description="CFG scale of the pair images.")
+    max_prompts: int | None = Field(None, description="Use at most this many curated prompts.")
+
+
+class LabelingConfig(Section):
+    url: str | None = Field(
+        None, description="Label Studio URL; none: simulated annotators write an export file."
+    )
+    token_env: str = Field(
+        "LABEL_STUDIO_API_KEY", description="Environment variable holding the Label Studio token."
+    )
+    project_title: str = Field(
+        "unifl aesthetic preferences", description="Label Studio project title."
+    )
+    import_batch_size: int = Field(100, ge=1, description="Tasks per import request.")
+    num_annotators: int = Field(5, ge=1, description="Simulated annotators per task (paper: 4-5).")
+    annotator_noise: float = Field(
+        0.15, ge=0, description="Std of each simulated annotator's preference noise."
+    )
+    min_annotators: int = Field(1, ge=1, description="Tasks with fewer annotations are dropped.")
+
+
+class RewardConfig(Section):
+    backbone: str = Field(
+        "toy", description="CLIP-style backbone: 'toy' (tiny CLIP config), a path or a hub id."
+    )
+    epochs: int = Field(20, ge=1, description="Training epochs over the preference pairs.")
+    batch_size: int = Field(32, ge=1, description="Pairs per batch.")
+    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate.")
+    val_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of prompts held out for validation."
+    )
+    alpha_override: dict[str, float] = Field(
+        default_factory=lambda: {"detail": 0.0},
+        description="alpha_d set by hand instead of calibrated (paper: detail works best lower).",
+    )
+
+
+class TrainerConfig(Section):
+    """Options shared by the feedback-learning stages (each stage section can override)."""
+
+    use_lora: bool = Field(True, description="Train LoRA adapters (peft) instead of the full UNet.")
+    lora_rank: int = Field(8, ge=1, description="LoRA rank.")
+    gradient_checkpointing: bool = Field(False, description="Checkpoint UNet activations.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping (ImageReward: 1.0).")
+    ema_decay: float | None = Field(None, description="EMA decay of trainable weights; none: off.")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Micro-batches per optimiser step."
+    )
+    checkpoint_every: int = Field(
+        50, ge=1, description="Save a resumable checkpoint every N steps."
+    )
+    batch_size: int = Field(8, ge=1, description="Samples per micro-batch.")
+    num_inference_steps: int = Field(20, ge=1, description="DDIM schedule length (paper: 20).")
+    truncated_backprop_steps: int = Field(
+        1, ge=1, description="Denoising steps with gradients (K)."
+    )
+    guidance_scale: float = Field(7.5, ge=1.0, description="CFG scale in the no-grad denoising.")
+    mse_weight: float = Field(
+        0.0, ge=0, description="Weight of the optional noise-prediction MSE regulariser (paper: 0)."
+    )
+
+
+class PeflConfig(Section):
+    steps: int = Field(200, ge=0, description="Optimisation steps.")
+    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate.")
+    perceptual_weight: float = Field(
+        0.01, ge=0, description="lambda of L_pefl (sibling paper: 0.01)."
+    )
+    start_step: int = Field(
+        10, ge=1, description="T_a: noise real latents to this of the 20 steps (paper: 10)."
+    )
+    max_step: int = Field(
+        5, ge=0, description="Random gradient step t in [0, max_step] (paper: 5)."
+    )
+    aesthetic_weight: float = Field(
+        1.0, ge=0, description="Weight of L_aes in stage 1 (L1 = L_pefl + L_aes)."
+    )
+
+
+class DecoupledConfig(Section):
+    steps: int = Field(200, ge=0, description="Optimisation steps.")
+    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate.")
+    weights: dict[str, float] = Field(
+        default_factory=lambda: {d: 1.0 for d in DIMENSIONS},
+        description="w_d per aesthetic dimension in L_aes.",
+    )
+    min_step: int = Field(
+        10, ge=0, description="Gradient step drawn from the last steps: index in [min_step, steps)."
+    )
+    grad_scale: float = Field(
+        1e-3, gt=0, description="Scale of the reward loss (ImageReward: 1e-3)."
+    )
+
+
+class AdversarialConfig(Section):
+    steps: int = Field(200, ge=0, description="Generator steps.")
+    learning_rate: float = Field(
+        1e-4, gt=0, description="Generator learning rate (sibling: 2e-6 at full scale)."
+    )
+    discriminator_learning_rate: float = Field(
+        1e-4, gt=0, description="Discriminator learning rate."
+    )
+    adversarial_weight: float = Field(0.05, ge=0, description="Weight of L_G (sibling: 0.05).")
+    aesthetic_weight: float = Field(1.0, ge=0, description="Weight of L_aes kept in stage 2.")
+    inference_steps: int = Field(4, ge=1, description="Few-step inference target (paper: 4).")
+
+
+class EvaluateConfig(Section):
+    num_prompts: int = Field(64, ge=1, description="Evaluation prompts.")
+    seeds: list[int] = Field(default_factory=lambda: [0], description="Seeds per prompt.")
+    steps: list[int] = Field(default_factory=lambda: [20, 4], description="Step counts evaluated.")
+    guidance_scale: float = Field(7.5, ge=1.0, description="CFG scale at evaluation.")
+    grid_prompts: int = Field(8, ge=1, description="Prompts shown in the sample grids.")
+
+
+class TrackingConfig(Section):
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI.")
+    experiment: str = Field("unifl", description="MLflow experiment name.")
+    registered_model: str = Field(
+        "unifl-sd", description="Registered model of the tuned diffusion model."
+    )
+
+
+class PromotionConfig(Section):
+    thresholds: dict[str, float] = Field(
+        default_factory=dict, description="Minimum value per evaluation metric for promotion."
+    )
+    compare_to_champion: bool = Field(
+        True, description="Require the candidate to be not worse than the champion (bootstrap CI)."
+    )
+    confidence: float = Field(0.95, gt=0, lt=1, description="Confidence of the bootstrap interval.")
+    bootstrap_samples: int = Field(1000, ge=10, description="Bootstrap resamples.")
+    legacy_stages: bool = Field(False, description="Also set MLflow's deprecated registry stages.")
+
+
+class PipelineConfig(Section):
+    image: str | None = Field(
+        None, description="Component base image; none: unifl:<package version>."
+    )
+    gpu_type: str = Field("nvidia.com/gpu", description="Accelerator resource of GPU stages.")
+    gpu_count: int = Field(1, ge=0, description="GPUs per GPU stage.")
+    node_selector_key: str = Field("unifl.io/node-pool", description="Node label of the GPU pool.")
+    node_selector_value: str = Field("gpu", description="Value of the GPU pool node label.")
+    toleration_key: str = Field("nvidia.com/gpu", description="Taint key tolerated by GPU stages.")
+
+
+class Params(Section):
+    """All stage sections; the shape of `params.yaml`."""
+
+    project: ProjectConfig = Field(default_factory=ProjectConfig)
+    toy: ToyConfig = Field(default_factory=ToyConfig)
+    bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    curate: CurateConfig = Field(default_factory=CurateConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
+    labeling: LabelingConfig = Field(default_factory=LabelingConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    pefl: PeflConfig = Field(default_factory=PeflConfig)
+    decoupled: DecoupledConfig = Field(default_factory=DecoupledConfig)
+    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+
+
+def preset_path(name: str) -> Path:
+    """Path of a packaged preset (a partial params file), e.g. `ci`."""
+    path = Path(str(resources.files("unifl") / "resources" / "presets" / f"{name}.yaml"))
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}: no file {path}")
+    return path
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of stage sections")
+    return data
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _validate(data: dict[str, Any], source: str) -> Params:
+    try:
+        return Params.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(part) for part in err["loc"])
+            if err["type"] == "extra_forbidden":
+                problems.append(f"unknown key '{key}'")
+            else:
+                problems.append(f"'{key}': {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError(f"{source}: " + "; ".join(problems)) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse `stage.key=value`; the value is read as a YAML scalar or list."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected stage.key=value")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if len(parts) < 2:
+        raise ConfigError(f"override {text!r}: key must be stage.key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def load_params(
+    path: str | Path | None = "params.yaml",
+    preset: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> Params:
+    """Load the configuration: defaults < file < preset < overrides.
+
+    `path=None` (or a missing default `params.yaml`) uses the built-in defaults.
+    Each layer is validated on its own so an error names the file (or the
+    override) that introduced it.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if file.is_file() or str(path) != "params.yaml":
+            data = _read_yaml(file)
+            _validate(data, str(file))
+    if preset:
+        file = preset_path(preset)
+        data = _merge(data, _read_yaml(file))
+        _validate(data, f"{file} (preset {preset!r})")
+    for text in overrides:
+        parts, value = parse_override(text)
+        update: dict[str, Any] = value
+        for part in reversed(parts):
+            update = {part: update}
+        data = _merge(data, update)
+        _validate(data, f"override {text!r}")
+    return _validate(data, "configuration")
+
+
+def params_to_yaml(params: Params) -> str:
+    """The configuration as YAML text, in section order."""
+    return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_params() -> str:
+    """A readable listing of every field with its default and description."""
+    lines = []
+    for section_name, section_field in Params.model_fields.items():
+        section_cls = section_field.default_factory  # type: ignore[assignment]
+        lines.append(f"{section_name}:")
+        for name, field in section_cls.model_fields.items():  # type: ignore[union-attr]
+            default = field.default_factory() if field.default_factory else field.default
+            lines.append(f"  {name} = {default!r}  # {field.description}")
+    return "\n".join(lines)
