@@ -185,6 +185,36 @@ class TrainerConfig(Section):
     )
 
 
+PerceptualKind = Literal[
+    "toy_segmenter", "semantic_segmentation", "instance_segmentation", "style_gram"
+]
+
+
+class PerceptualModelConfig(Section):
+    """One perceptual model of PeFL and the weight of its loss (see unifl.feedback.perceptual)."""
+
+    kind: PerceptualKind = Field(
+        "toy_segmenter", description="Which perceptual loss: the model's own training loss."
+    )
+    model: str = Field(
+        "toy",
+        description="Directory or hub id of the perceptual model; 'toy': the bootstrapped toy "
+        "segmenter; style_gram also takes 'torchvision:vgg16[:state_dict_path]'.",
+    )
+    name: str | None = Field(None, description="Name of the term in logs; none: the kind.")
+    weight: float = Field(1.0, ge=0, description="Weight of this term inside L_pefl.")
+    layers: list[int | str] = Field(
+        default_factory=list,
+        description="style_gram layers: hidden-state indices (transformers CNN) or VGG16 names "
+        "(relu1_2 ...); empty: every stage / relu1_2..relu4_3.",
+    )
+    image_size: int | None = Field(
+        None, description="Resize images to this (shortest edge) first; none: the processor's size."
+    )
+    ignore_index: int = Field(255, description="Mask value ignored by the segmentation loss.")
+    revision: str | None = Field(None, description="Hub revision when `model` is a hub id.")
+
+
 class PeflConfig(Section):
     steps: int = Field(200, ge=0, description="Optimisation steps.")
     learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate.")
@@ -199,6 +229,10 @@ class PeflConfig(Section):
     )
     aesthetic_weight: float = Field(
         1.0, ge=0, description="Weight of L_aes in stage 1 (L1 = L_pefl + L_aes)."
+    )
+    perceptual: list[PerceptualModelConfig] = Field(
+        default_factory=lambda: [PerceptualModelConfig()],
+        description="Perceptual models whose weighted losses sum to Phi (structure, style, ...).",
     )
 
 
