@@ -278,6 +278,18 @@ class TrackingConfig(Section):
     registered_model: str = Field(
         "unifl-sd", description="Registered model of the tuned diffusion model."
     )
+    reward_registered_model: str = Field(
+        "unifl-reward", description="Registered model of the decoupled reward models."
+    )
+    http_timeout_s: int = Field(
+        10, ge=1, description="Seconds per MLflow HTTP request (MLflow's default, 120, hides outages)."
+    )
+    http_max_retries: int = Field(
+        2, ge=0, description="Retries per MLflow HTTP request (MLflow's default, 7, takes minutes)."
+    )
+    model_code_dir: str | None = Field(
+        None, description="Directory of the pyfunc model-code files; none: the repository's mlflow/."
+    )
 
 
 class PromotionConfig(Section):
@@ -290,6 +302,31 @@ class PromotionConfig(Section):
     confidence: float = Field(0.95, gt=0, lt=1, description="Confidence of the bootstrap interval.")
     bootstrap_samples: int = Field(1000, ge=10, description="Bootstrap resamples.")
     legacy_stages: bool = Field(False, description="Also set MLflow's deprecated registry stages.")
+    policy_file: str | None = Field(
+        "mlflow/promotion.yaml",
+        description="Gate policy YAML (thresholds, max_thresholds, champion_metrics, tolerance); "
+        "the gates of this section are added to it and win on the same metric.",
+    )
+    max_thresholds: dict[str, float] = Field(
+        default_factory=dict, description="Maximum value per evaluation metric (lower is better)."
+    )
+    champion_metrics: dict[str, Literal["higher", "lower"]] = Field(
+        default_factory=dict,
+        description="Per-prompt metrics compared with the champion, and which direction is better.",
+    )
+    tolerance: dict[str, float] = Field(
+        default_factory=dict,
+        description="Allowed loss per champion metric: pass when the CI's lower bound of the "
+        "improvement is >= -tolerance (missing: 0).",
+    )
+    min_paired_prompts: int = Field(
+        4, ge=2, description="Fewest evaluation prompts shared with the champion for a comparison."
+    )
+    per_prompt_artifact: str = Field(
+        "evaluation/per_prompt.csv",
+        description="Run artifact with one row per evaluation prompt: prompt_id + metric columns.",
+    )
+    seed: int = Field(0, description="Seed of the bootstrap resampling (same inputs, same verdict).")
 
 
 class PipelineConfig(Section):
