@@ -38,6 +38,7 @@ from unifl.feedback.perceptual import (
     gram_style_loss,
     masked_cross_entropy,
 )
+from unifl.models.segmenter import ToySegmenter
 
 NUM_CLASSES = 5
 
@@ -273,26 +274,9 @@ def test_mask2former_loss_names_bad_instance_annotations() -> None:
         perceptual(images, {**annotations, INSTANCE_CLASSES: bad_count})
 
 
-class CountingSegmenter(torch.nn.Module):
-    """A minimal module with the toy segmenter's `.loss` contract (pixel CE of a 1x1 conv)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.head = torch.nn.Conv2d(3, NUM_CLASSES, 1)
-
-    def loss(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.head(images), masks)
-
-
-def toy_segmenter() -> torch.nn.Module:
-    """The real toy segmenter when its module exists, else a module with the same contract."""
-    try:
-        from unifl.models.segmenter import ToySegmenter
-    except ImportError:
-        torch.manual_seed(0)
-        return CountingSegmenter()
+def toy_segmenter() -> ToySegmenter:
     torch.manual_seed(0)
-    return ToySegmenter()
+    return ToySegmenter(width=4)
 
 
 def test_toy_segmenter_loss_wraps_its_own_loss_and_freezes_it() -> None:
@@ -396,3 +380,16 @@ def test_build_reports_unusable_specs() -> None:
             build_perceptual_loss({"kind": "style_gram", "model": "torchvision:vgg16"})
     built = build_perceptual_loss({"weight": 0.25}, toy_segmenter=toy_segmenter())
     assert built.weights == {"toy_segmenter": 0.25}
+
+
+def test_build_loads_a_saved_toy_segmenter_directory(tmp_path) -> None:
+    segmenter = toy_segmenter()
+    segmenter.save(tmp_path / "segmenter")
+    built = build_perceptual_loss({"kind": "toy_segmenter", "model": str(tmp_path / "segmenter")})
+    images = torch.rand(2, 3, 32, 32)
+    masks = torch.randint(0, 4, (2, 32, 32))
+    with torch.no_grad():
+        expected = segmenter.loss(images, masks)
+    assert built(images, {SEMANTIC_MASKS: masks}).item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(PerceptualLossError, match="cannot load"):
+        build_perceptual_loss({"kind": "toy_segmenter", "model": str(tmp_path / "missing")})

@@ -642,9 +642,10 @@ class ToySegmenterLoss(PerceptualLoss):
 
     @classmethod
     def from_pretrained(cls, source: str | Path) -> ToySegmenterLoss:
-        from unifl.models import segmenter as segmenter_module
+        """Load a segmenter directory written by `ToySegmenter.save`."""
+        from unifl.models.segmenter import ToySegmenter
 
-        return cls(segmenter_module.load(source))
+        return cls(ToySegmenter.load(source))
 
     def compute(self, images: Tensor, annotations: Annotations) -> Tensor:
         masks = _semantic_masks(annotations, images, type(self).__name__)
@@ -742,18 +743,18 @@ def _build_one(
     config: PerceptualModelConfig, index: int, toy_segmenter: nn.Module | None
 ) -> PerceptualLoss:
     where = f"pefl.perceptual[{index}] ({config.kind}, model {config.model!r})"
-    if config.kind == "toy_segmenter":
-        if config.model == "toy":
-            if toy_segmenter is None:
-                raise PerceptualLossError(
-                    f"{where}: model 'toy' means the bootstrapped toy segmenter; pass it as "
-                    "toy_segmenter= or give the segmenter's directory"
-                )
-            return ToySegmenterLoss(toy_segmenter)
-        return ToySegmenterLoss.from_pretrained(config.model)
+    if config.kind == "toy_segmenter" and config.model == "toy":
+        if toy_segmenter is None:
+            raise PerceptualLossError(
+                f"{where}: model 'toy' means the bootstrapped toy segmenter; pass it as "
+                "toy_segmenter= or give the segmenter's directory"
+            )
+        return ToySegmenterLoss(toy_segmenter)
     if config.model == "toy":
         raise PerceptualLossError(f"{where}: this kind needs a checkpoint directory or hub id")
     try:
+        if config.kind == "toy_segmenter":
+            return ToySegmenterLoss.from_pretrained(config.model)
         if config.kind == "semantic_segmentation":
             return SemanticSegmentationLoss.from_pretrained(
                 config.model, config.revision, config.image_size, config.ignore_index
@@ -765,5 +766,5 @@ def _build_one(
         return StyleGramLoss.from_pretrained(
             config.model, config.layers, config.revision, config.image_size
         )
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise PerceptualLossError(f"{where}: cannot load the model: {exc}") from exc
