@@ -142,6 +142,33 @@ class LabelingConfig(Section):
         0.15, ge=0, description="Std of each simulated annotator's preference noise."
     )
     min_annotators: int = Field(1, ge=1, description="Tasks with fewer annotations are dropped.")
+    token_file: str | None = Field(
+        None, description="File with the token (a mounted Kubernetes Secret), used if the env is unset."
+    )
+    request_timeout: float = Field(60.0, gt=0, description="Seconds per Label Studio API request.")
+    storage: Literal["local", "s3"] = Field(
+        "local", description="Image serving: 'local' (Local Files storage) or 's3' (presigned)."
+    )
+    document_root: str = Field(
+        ".", description="The server's LOCAL_FILES_DOCUMENT_ROOT; pairs must lie under it."
+    )
+    s3_bucket: str | None = Field(None, description="Bucket holding the pairs (storage 's3').")
+    s3_prefix: str = Field("", description="Key prefix of the pairs directory in the bucket.")
+    s3_endpoint: str | None = Field(None, description="S3-compatible endpoint URL (MinIO, GCS).")
+    s3_region: str | None = Field(None, description="S3 region name.")
+    presign_ttl_minutes: int = Field(60, ge=1, description="Lifetime of presigned image URLs.")
+    tie_margin: float = Field(
+        0.02, ge=0, description="Simulated annotators say Tie when |score gap + noise| <= this."
+    )
+    scorer: str = Field(
+        "unifl.toy.oracle:score_images",
+        description="module:function scoring images per dimension for simulated annotators.",
+    )
+    server_dir: str = Field(
+        ".cache/label-studio", description="Local server: its venv (installed on first use) and data."
+    )
+    server_version: str = Field("1.23.2", description="label-studio release of the local server.")
+    server_port: int = Field(8080, ge=1, le=65535, description="Port of `unifl labeling serve`.")
 
 
 class RewardConfig(Section):
