@@ -161,8 +161,9 @@ class LabelingConfig(Section):
         0.02, ge=0, description="Simulated annotators say Tie when |score gap + noise| <= this."
     )
     scorer: str = Field(
-        "unifl.toy.oracle:score_images",
-        description="module:function scoring images per dimension for simulated annotators.",
+        "unifl.toy.oracle:image_scorer",
+        description="module:function, a factory (params) -> scorer(paths, prompts) -> "
+        "{dimension: scores}, followed by simulated annotators.",
     )
     server_dir: str = Field(
         ".cache/label-studio", description="Local server: its venv (installed on first use) and data."
