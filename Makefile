@@ -41,3 +41,25 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# Container images (needs a Docker engine): CPU and CUDA images of the package,
+# and the MLflow server of k8s/. Push them with `docker push` to your registry.
+IMAGE ?= unifl
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+MLFLOW_VERSION := $(shell sed -n 's/^mlflow==//p' requirements/mlflow-server.txt)
+
+.PHONY: image constraints constraints-check
+image:
+	docker build -f docker/Dockerfile.cpu -t $(IMAGE):$(VERSION) .
+	docker build -f docker/Dockerfile.cuda -t $(IMAGE):$(VERSION)-cuda .
+	docker build -f docker/Dockerfile.mlflow -t $(IMAGE)-mlflow:$(MLFLOW_VERSION) .
+
+# Pin the images to the versions of this environment (torch without its local build tag).
+constraints: $(STAMP)
+	{ sed -n '1,/^[^#]/{/^#/p}' requirements/constraints.txt; \
+	  $(BIN)/pip freeze --exclude-editable | sed -E 's/^([A-Za-z0-9_.-]+==[^+]+)\+.*/\1/'; \
+	} > requirements/constraints.txt.new && mv requirements/constraints.txt.new requirements/constraints.txt
+
+# Resolve the package against the constraints on the package index (network, minutes).
+constraints-check: $(STAMP)
+	$(BIN)/pip install --dry-run --ignore-installed --quiet -c requirements/constraints.txt .
