@@ -67,5 +67,44 @@ def config_describe() -> None:
 # Commands of the stages are added below, one function each, by the modules' owners.
 
 
+@stage_app.command("evaluate")
+def stage_evaluate(
+    model: Annotated[str, typer.Option("--model", help="Model directory or hub id to evaluate.")],
+    prompts: Annotated[
+        Path,
+        typer.Option(
+            "--prompts", help="Prompts: curated table, toy data set, CSV/JSONL/Parquet or .txt."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output directory (replaced as a whole).")],
+    segmenter: Annotated[
+        Path | None, typer.Option("--segmenter", help="Toy segmenter: caption-match, oracle.")
+    ] = None,
+    reward: Annotated[
+        Path | None, typer.Option("--reward", help="Decoupled reward model directory.")
+    ] = None,
+    real_data: Annotated[
+        Path | None, typer.Option("--real-data", help="Real images for the Frechet distance.")
+    ] = None,
+    baseline: Annotated[
+        str | None, typer.Option("--baseline", help="Model drawn beside it in the grids (before).")
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Evaluate a model: per-prompt metrics at each step count, Frechet, grids, report."""
+    from unifl.evaluation.evaluate import run_evaluation, summary_table
+
+    config = load(params, preset, set_)
+    try:
+        result = run_evaluation(config, model, prompts, out, segmenter, reward, real_data, baseline)
+    except (ValueError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(summary_table(result))
+    typer.echo(f"wrote {out}")
+
+
 if __name__ == "__main__":
     app()

@@ -294,10 +294,39 @@ class AdversarialConfig(Section):
 
 class EvaluateConfig(Section):
     num_prompts: int = Field(64, ge=1, description="Evaluation prompts.")
-    seeds: list[int] = Field(default_factory=lambda: [0], description="Seeds per prompt.")
-    steps: list[int] = Field(default_factory=lambda: [20, 4], description="Step counts evaluated.")
+    seeds: list[int] = Field(
+        default_factory=lambda: [0], min_length=1, description="Seeds per prompt."
+    )
+    steps: list[int] = Field(
+        default_factory=lambda: [20, 4], min_length=1, description="Step counts evaluated."
+    )
     guidance_scale: float = Field(7.5, ge=1.0, description="CFG scale at evaluation.")
     grid_prompts: int = Field(8, ge=1, description="Prompts shown in the sample grids.")
+    timestep_spacing: Literal["auto", "leading", "trailing", "linspace"] = Field(
+        "auto",
+        description="DDIM spacing; 'auto': trailing at <= few_step_max steps, else leading.",
+    )
+    few_step_max: int = Field(
+        8, ge=1, description="'auto' spacing uses trailing DDIM up to this many steps."
+    )
+    batch_size: int = Field(16, ge=1, description="Images per generation batch.")
+    warmup: bool = Field(
+        True, description="Run one untimed batch per step count before timing images/s."
+    )
+    clip_model: str | None = Field(
+        None, description="CLIP directory or hub id for the CLIP score; none: no CLIP score."
+    )
+    feature_model: str | None = Field(
+        None,
+        description="Vision backbone (directory or hub id) for the Frechet features; "
+        "none: the toy segmenter's features.",
+    )
+    frechet_eps: float = Field(
+        1e-6, ge=0, description="Added to covariance diagonals (keeps small-N Frechet finite)."
+    )
+    max_reference_images: int = Field(
+        2048, ge=2, description="Real images read for the Frechet reference statistics."
+    )
 
 
 class TrackingConfig(Section):
