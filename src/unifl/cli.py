@@ -67,6 +67,57 @@ def config_describe() -> None:
 # Commands of the stages are added below, one function each, by the modules' owners.
 
 
+@app.command("promote")
+def promote(
+    version: Annotated[str, typer.Option("--version", help="Registered model version.")],
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="Registered model (default: tracking.registered_model)."),
+    ] = None,
+    to: Annotated[
+        str, typer.Option("--to", help="Target stage: staging or production.")
+    ] = "staging",
+    override: Annotated[
+        bool, typer.Option("--override", help="Promote even if a gate fails (needs --reason).")
+    ] = False,
+    reason: Annotated[
+        str | None, typer.Option("--reason", help="Why the override is justified (recorded).")
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run the promotion gates on a model version and promote it if they pass.
+
+    Exit status: 0 promoted, 1 rejected by a gate, 2 bad request (config, order, server).
+    """
+    from unifl.tracking.promotion import promote_from_params
+    from unifl.tracking.registry import RegistryError
+    from unifl.tracking.runs import TrackingError
+
+    if to not in ("staging", "production"):
+        typer.echo(f"error: --to {to!r}: expected staging or production", err=True)
+        raise typer.Exit(2)
+    if override != bool(reason and reason.strip()):
+        typer.echo("error: --override and a non-empty --reason go together", err=True)
+        raise typer.Exit(2)
+    config = load(params, preset, set_)
+    try:
+        decision = promote_from_params(
+            config,
+            model,
+            version,
+            target=to,  # type: ignore[arg-type]
+            override_reason=reason if override else None,
+        )
+    except (ConfigError, RegistryError, TrackingError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(decision.summary())
+    if not decision.promoted:
+        raise typer.Exit(1)
+
+
 @stage_app.command("evaluate")
 def stage_evaluate(
     model: Annotated[str, typer.Option("--model", help="Model directory or hub id to evaluate.")],

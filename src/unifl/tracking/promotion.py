@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from unifl.config import ConfigError, PromotionConfig
+from unifl.config import ConfigError, Params, PromotionConfig
 from unifl.tracking.registry import (
     ALIASES,
     EVALUATION_RUN_TAG,
@@ -549,3 +549,31 @@ def _move(client: MlflowClient, name: str, number: str, target: Target, legacy: 
     if legacy:
         set_legacy_stage(client, name, number, target)
     return replaced
+
+
+def promote_from_params(
+    params: Params,
+    model_name: str | None,
+    version: str | int,
+    target: Target = "staging",
+    override_reason: str | None = None,
+    base_dir: str | Path = ".",
+) -> PromotionDecision:
+    """`promote` on the configured tracking server with the configured gates (CLI, KFP).
+
+    `model_name=None` means ``tracking.registered_model``; the policy file is resolved
+    relative to `base_dir`.
+    """
+    from unifl.tracking.runs import connect, tracking_errors
+
+    policy = GatePolicy.from_config(params.promotion, base_dir=base_dir)
+    client = connect(params.tracking)
+    with tracking_errors(params.tracking.tracking_uri):
+        return promote(
+            client,
+            model_name or params.tracking.registered_model,
+            version,
+            policy,
+            override_reason=override_reason,
+            target=target,
+        )
