@@ -36,6 +36,7 @@ from unifl.feedback.perceptual import (
     build_perceptual_loss,
     gram_matrix,
     gram_style_loss,
+    instance_targets_from_maps,
     masked_cross_entropy,
 )
 from unifl.models.segmenter import ToySegmenter
@@ -258,6 +259,24 @@ def test_mask2former_loss_is_finite_and_differentiable_to_pixels_only() -> None:
         pixel_values=pixels, mask_labels=masks, class_labels=annotations[INSTANCE_CLASSES]
     ).loss
     assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_instance_targets_come_from_toy_label_maps() -> None:
+    instance = torch.zeros(2, 4, 4, dtype=torch.long)
+    semantic = torch.zeros(2, 4, 4, dtype=torch.long)
+    instance[0, :2, :2], semantic[0, :2, :2] = 1, 5
+    instance[0, 2:, 2:], semantic[0, 2:, 2:] = 2, 3
+    semantic[0, 3, 3] = 7  # a stray pixel does not change the majority class
+    targets = instance_targets_from_maps(instance, semantic, class_offset=1)
+    assert targets[INSTANCE_CLASSES][0].tolist() == [4, 2]
+    assert targets[INSTANCE_MASKS][0].shape == (2, 4, 4)
+    assert targets[INSTANCE_MASKS][0][0].sum() == 4 and targets[INSTANCE_MASKS][0][0, 0, 0] == 1
+    assert targets[INSTANCE_MASKS][1].shape == (0, 4, 4)
+    assert targets[INSTANCE_CLASSES][1].numel() == 0
+    loss = InstanceSegmentationLoss(tiny_mask2former(num_labels=6))
+    torch.manual_seed(7)
+    value = loss(torch.rand(2, 3, 4, 4), targets)
+    assert torch.isfinite(value)
 
 
 def test_mask2former_loss_names_bad_instance_annotations() -> None:

@@ -329,6 +329,39 @@ class SemanticSegmentationLoss(PerceptualLoss):
         return masked_cross_entropy(self.logits(images), masks, self.ignore_index)
 
 
+def instance_targets_from_maps(
+    instance_maps: Tensor, semantic_maps: Tensor, class_offset: int = 0
+) -> dict[str, list[Tensor]]:
+    """`INSTANCE_MASKS` / `INSTANCE_CLASSES` from label maps, the way toy data stores them.
+
+    `instance_maps` [N, H, W] number the objects of each image 1..k (0 is
+    background); each object's class is the most frequent `semantic_maps`
+    value under it, minus `class_offset` (1 maps the toy classes, whose 0 is
+    background, onto a model that has no background class).
+    """
+    if instance_maps.shape != semantic_maps.shape or instance_maps.ndim != 3:
+        raise PerceptualLossError(
+            f"instance and semantic maps must both be [N, H, W], got {list(instance_maps.shape)} "
+            f"and {list(semantic_maps.shape)}"
+        )
+    masks, classes = [], []
+    for instance_map, semantic_map in zip(instance_maps.long(), semantic_maps.long(), strict=True):
+        ids = [int(i) for i in torch.unique(instance_map) if int(i) != 0]
+        image_masks = [instance_map == i for i in ids]
+        image_classes = [
+            int(torch.mode(semantic_map[mask]).values) - class_offset for mask in image_masks
+        ]
+        if any(value < 0 for value in image_classes):
+            raise PerceptualLossError(
+                f"an instance lies on semantic class {min(image_classes) + class_offset}, below "
+                f"class_offset {class_offset}"
+            )
+        shape = instance_map.shape
+        masks.append(torch.stack(image_masks).float() if ids else torch.zeros(0, *shape))
+        classes.append(torch.tensor(image_classes, dtype=torch.long))
+    return {INSTANCE_MASKS: masks, INSTANCE_CLASSES: classes}
+
+
 class InstanceSegmentationLoss(PerceptualLoss):
     """Mask2Former's own loss (Hungarian matching + mask, dice and class terms).
 
