@@ -224,9 +224,10 @@ def image_metrics(
             from unifl.toy.oracle import oracle_scores
             from unifl.toy.world import CaptionError
 
+            on_device = images.to(_module_device(segmenter))
             try:
-                match = caption_match(segmenter, images, list(prompts))
-                masks = predicted_masks(segmenter, images)
+                match = caption_match(segmenter, on_device, list(prompts))
+                masks = predicted_masks(segmenter, on_device).to(images.device)
                 oracle = oracle_scores(images, list(prompts), masks)
             except CaptionError as exc:
                 raise EvaluationError(
@@ -427,7 +428,7 @@ def _extractor_name(extractor: Any | None, segmenter: Any | None) -> str | None:
         return None
     if segmenter is not None and extractor == getattr(segmenter, "features", None):
         return f"{type(segmenter).__name__}.features"
-    return type(extractor).__name__
+    return getattr(extractor, "__qualname__", type(extractor).__name__)
 
 
 def wide_per_prompt(per_sample: pd.DataFrame) -> pd.DataFrame:
@@ -496,12 +497,14 @@ def write_evaluation(
             per_prompt_parquet="per_prompt.parquet",
             per_sample="per_sample.parquet",
         )
+        captions: dict[str, str] = {}
         for steps, rows in grids.items():
             name = f"grid_{steps}steps.png"
             save_comparison_grid(
                 rows, grid_prompts, tmp / name, title=f"{steps} steps, seed {seed}"
             )
             names[f"grid_{steps}steps"] = name
+            captions[name] = f"{steps} steps, rows: {' / '.join(rows)}"
         model_rows = {
             f"{steps} steps": rows[labels[1]] for steps, rows in grids.items() if labels[1] in rows
         }
@@ -510,7 +513,8 @@ def write_evaluation(
                 model_rows, grid_prompts, tmp / "grid_steps.png", title=f"{labels[1]}, seed {seed}"
             )
             names["grid_steps"] = "grid_steps.png"
-        names.update(write_report(result, tmp, names, labels))
+            captions["grid_steps.png"] = f"{labels[1]} at each step count"
+        names.update(write_report(result, tmp, names, captions))
         names["evaluation"] = "evaluation.json"
         write_json(
             tmp / "evaluation.json",

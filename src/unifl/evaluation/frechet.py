@@ -104,14 +104,28 @@ def frechet_distance(
     return frechet_distance_from_statistics(mean_a, cov_a, mean_b, cov_b, eps)
 
 
+def callable_device(function: Any) -> torch.device | None:
+    """The device of the module behind `function` (a module or a bound method), if any."""
+    owner = getattr(function, "__self__", function)
+    if isinstance(owner, torch.nn.Module):
+        for parameter in owner.parameters():
+            return parameter.device
+    return None
+
+
 @torch.no_grad()
 def extract_features(extractor: FeatureExtractor, images: Tensor, batch_size: int = 64) -> Tensor:
-    """Features [N, D] (float32, CPU) of images [N, 3, H, W], computed in batches."""
+    """Features [N, D] (float32, CPU) of images [N, 3, H, W], computed in batches.
+
+    Images are moved to the extractor's device when it is a module or a method
+    of one (e.g. `segmenter.features`)."""
     if images.shape[0] == 0:
         raise FrechetError("no images to extract features from")
+    device = callable_device(extractor)
     batches = []
     for start in range(0, images.shape[0], batch_size):
-        features = extractor(images[start : start + batch_size])
+        batch = images[start : start + batch_size]
+        features = extractor(batch.to(device) if device is not None else batch)
         batches.append(features.reshape(features.shape[0], -1).float().cpu())
     return torch.cat(batches)
 

@@ -48,7 +48,7 @@ def summary_rows(result: EvaluationResult) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def _markdown(result: EvaluationResult, files: Mapping[str, str], labels: tuple[str, str]) -> str:
+def _markdown(result: EvaluationResult, files: Mapping[str, str], grids: Mapping[str, str]) -> str:
     settings = result.settings
     header, rows = summary_rows(result)
     lines = [
@@ -80,18 +80,12 @@ def _markdown(result: EvaluationResult, files: Mapping[str, str], labels: tuple[
         "(columns `<metric>_<steps>steps`).",
         "",
     ]
-    for key, name in files.items():
-        if key.startswith("grid_"):
-            caption = (
-                "the model at each step count"
-                if key == "grid_steps"
-                else f"{key.removeprefix('grid_')}: rows {' / '.join(labels)}"
-            )
-            lines += [f"## Samples: {caption}", "", f"![{caption}]({name})", ""]
+    for name, caption in grids.items():
+        lines += [f"## Samples: {caption}", "", f"![{caption}]({name})", ""]
     return "\n".join(lines)
 
 
-def _html(result: EvaluationResult, files: Mapping[str, str], labels: tuple[str, str]) -> str:
+def _html(result: EvaluationResult, grids: Mapping[str, str]) -> str:
     header, rows = summary_rows(result)
     settings = result.settings
     escape = html.escape
@@ -111,17 +105,11 @@ def _html(result: EvaluationResult, files: Mapping[str, str], labels: tuple[str,
         *["<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in row) + "</tr>" for row in rows],
         "</table>",
     ]
-    for key, name in files.items():
-        if key.startswith("grid_"):
-            caption = (
-                "the model at each step count"
-                if key == "grid_steps"
-                else f"{key.removeprefix('grid_')}: rows {' / '.join(labels)}"
-            )
-            parts += [
-                f"<h2>Samples: {escape(caption)}</h2>",
-                f'<img src="{escape(name)}" alt="{escape(caption)}">',
-            ]
+    for name, caption in grids.items():
+        parts += [
+            f"<h2>Samples: {escape(caption)}</h2>",
+            f'<img src="{escape(name)}" alt="{escape(caption)}">',
+        ]
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
@@ -130,11 +118,12 @@ def write_report(
     result: EvaluationResult,
     directory: str | Path,
     files: Mapping[str, str],
-    labels: tuple[str, str] = ("baseline", "model"),
+    grids: Mapping[str, str],
 ) -> dict[str, str]:
-    """Write report.md and report.html into `directory`; `files` maps keys to the names
-    of the files already written there (grids are shown). Returns the report names."""
+    """Write report.md and report.html into `directory`. `files` maps keys to names of
+    files already written there; `grids` maps grid image names to their captions.
+    Returns the report names."""
     root = Path(directory)
-    write_text(root / "report.md", _markdown(result, files, labels))
-    write_text(root / "report.html", _html(result, files, labels))
+    write_text(root / "report.md", _markdown(result, files, grids))
+    write_text(root / "report.html", _html(result, grids))
     return {"report_md": "report.md", "report_html": "report.html"}
