@@ -118,6 +118,30 @@ class CurateConfig(Section):
         512, ge=1, description="Prompts sampled after compression (paper: 100k)."
     )
     block_size: int = Field(4096, ge=1, description="Rows per block of the blockwise similarity.")
+    active_selection: bool = Field(
+        True, description="Run the semantic filter and compression; false: clean and dedupe only."
+    )
+    max_line_chars: int = Field(
+        100_000,
+        ge=1,
+        description="A CSV/JSONL line longer than this is an error (a malformed file, not a prompt).",
+    )
+    nn_queries: int = Field(
+        10_000,
+        ge=1,
+        description="Prompts whose nearest neighbour is searched for the similarity report "
+        "(exact when the set is smaller).",
+    )
+    similarity_backend: Literal["torch", "faiss", "auto"] = Field(
+        "torch", description="Nearest-neighbour search: blockwise torch, faiss, or faiss if installed."
+    )
+    embed_batch_size: int = Field(256, ge=1, description="Prompts per text-encoder batch.")
+    toy_prompts: int = Field(
+        4096,
+        ge=1,
+        description="Synthetic toy-world captions curated when no prompt file is given "
+        "(the embedded default).",
+    )
 
 
 class PairsConfig(Section):
