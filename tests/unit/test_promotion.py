@@ -233,11 +233,15 @@ def test_bad_policy_file_names_file_and_key(tmp_path, text: str, message: str) -
     assert str(policy_file) in str(error.value)
 
 
-def test_missing_policy_file_is_an_error_unless_default(tmp_path) -> None:
+def test_policy_file_lookup(tmp_path) -> None:
     with pytest.raises(ConfigError, match="promotion.policy_file"):
         GatePolicy.from_config(PromotionConfig(policy_file="nowhere.yaml"), base_dir=tmp_path)
+    # The default path falls back to the repository's file when the working directory has none.
     policy = GatePolicy.from_config(PromotionConfig(thresholds={"a": 1.0}), base_dir=tmp_path)
     assert policy.thresholds == {"a": 1.0}
+    assert policy.champion_metrics["reward_color_20steps"] == "higher"
+    no_file = GatePolicy.from_config(PromotionConfig(policy_file=None, thresholds={"a": 1.0}))
+    assert no_file.champion_metrics == {} and no_file.thresholds == {"a": 1.0}
 
 
 def test_repository_policy_file_is_valid() -> None:

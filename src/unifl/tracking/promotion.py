@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Mapping
@@ -53,9 +54,12 @@ if TYPE_CHECKING:
 Target = Literal["staging", "production"]
 Direction = Literal["higher", "lower"]
 
+logger = logging.getLogger(__name__)
+
 GATE_PREFIX = "unifl.gate."
 OVERRIDE_PREFIX = "unifl.override."
 PROMPT_ID_COLUMN = "prompt_id"
+_REPOSITORY = Path(__file__).resolve().parents[3]
 _POLICY_KEYS = ("thresholds", "max_thresholds", "champion_metrics", "tolerance")
 
 
@@ -97,12 +101,20 @@ class GatePolicy:
         """
         gates: dict[str, dict[str, Any]] = {key: {} for key in _POLICY_KEYS}
         if config.policy_file:
-            path = Path(base_dir) / config.policy_file
+            # Relative paths: from `base_dir` (the working directory), else from the
+            # repository this package runs from (an editable install outside its checkout).
+            candidates = [Path(base_dir) / config.policy_file, _REPOSITORY / config.policy_file]
+            path = next((c for c in candidates if c.is_file()), None)
             default = PromotionConfig.model_fields["policy_file"].default
-            if path.is_file():
+            if path is not None:
                 gates = read_policy_file(path)
             elif config.policy_file != default:
-                raise ConfigError(f"promotion.policy_file: {path} not found")
+                raise ConfigError(f"promotion.policy_file: {candidates[0]} not found")
+            else:
+                logger.warning(
+                    "promotion policy %s not found: only the gates of params.yaml apply",
+                    config.policy_file,
+                )
         for key in _POLICY_KEYS:
             gates[key] = {**gates[key], **getattr(config, key)}
         return cls(
