@@ -157,5 +157,195 @@ def stage_evaluate(
     typer.echo(f"wrote {out}")
 
 
+PairsDirOpt = Annotated[
+    Path, typer.Option("--pairs", help="Pairs directory (images and the pair manifest).")
+]
+LabelsOutOpt = Annotated[
+    Path, typer.Option("--out", help="Labels directory to write (replaced as a whole).")
+]
+
+
+def _labeling_failed(exc: Exception) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(2)
+
+
+def _echo_labels(report: object) -> None:
+    summary = report.summary  # type: ignore[attr-defined]
+    typer.echo(
+        f"{summary.tasks} tasks, {summary.annotations} annotations "
+        f"({summary.annotations_cancelled} cancelled), {summary.votes} votes -> "
+        f"{summary.pairs} pairs ({summary.tie_pairs} ties, "
+        f"{summary.pairs_dropped_few_votes} dropped below {summary.min_annotators} votes)"
+    )
+    alphas = report.agreement["dimensions"]  # type: ignore[attr-defined]
+    typer.echo(
+        "Krippendorff's alpha: "
+        + ", ".join(
+            f"{d} {v['alpha']:.3f}" if v["alpha"] is not None else f"{d} n/a"
+            for d, v in alphas.items()
+        )
+    )
+    typer.echo(f"wrote {report.out_dir}")  # type: ignore[attr-defined]
+
+
+@labeling_app.command("serve")
+def labeling_serve(
+    port: Annotated[
+        int | None, typer.Option("--port", help="Port (default labeling.server_port).")
+    ] = None,
+    document_root: Annotated[
+        Path | None,
+        typer.Option(
+            "--document-root", help="Served local files root (default labeling.document_root)."
+        ),
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="Server data (default <server_dir>/data).")
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Start a real local Label Studio on 127.0.0.1 (installed on first use) until Ctrl-C."""
+    from unifl.labeling.server import LabelStudioServerError, start_server
+
+    labeling = load(params, preset, set_).labeling
+    root = (document_root or Path(labeling.document_root)).resolve()
+    data = data_dir or Path(labeling.server_dir) / "data"
+    try:
+        server = start_server(
+            data,
+            root,
+            port=port or labeling.server_port,
+            cache_dir=labeling.server_dir,
+            version=labeling.server_version,
+        )
+    except LabelStudioServerError as exc:
+        raise _labeling_failed(exc) from None
+    typer.echo(f"Label Studio is running at {server.url}")
+    typer.echo(f"  login:         {server.credentials.username}")
+    typer.echo(f"  password:      {server.credentials.password}")
+    typer.echo(f"  API token in:  {server.token_path} (legacy token, readable only by you)")
+    typer.echo(f"  local files:   {root}")
+    typer.echo(
+        f"Use it: --set labeling.url={server.url} --set labeling.token_file={server.token_path}"
+    )
+    typer.echo("Press Ctrl-C to stop.")
+    try:
+        server.process.wait()
+    except KeyboardInterrupt:
+        typer.echo("stopping Label Studio")
+    finally:
+        server.stop()
+
+
+@labeling_app.command("push")
+def labeling_push(
+    pairs: PairsDirOpt,
+    params: ParamsOpt = Path("params.yaml"),
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Create or update the project and import the pairs as tasks (idempotent)."""
+    from unifl.labeling.client import LabelStudioClient, LabelStudioClientError
+    from unifl.labeling.pipeline import push_pairs
+
+    labeling = load(params, preset, set_).labeling
+    try:
+        client = LabelStudioClient.from_config(labeling)
+        report = push_pairs(client, labeling, pairs)
+    except (LabelStudioClientError, ValueError, OSError) as exc:
+        raise _labeling_failed(exc) from None
+    if report.project_created:
+        state = "created"
+    else:
+        state = "config updated" if report.config_updated else "unchanged"
+    typer.echo(
+        f"project {report.project_id} ({state}) at {client.url}: imported {report.tasks_imported} "
+        f"tasks, {report.tasks_already_present} already present"
+    )
+
+
+@labeling_app.command("pull")
+def labeling_pull(
+    out: LabelsOutOpt,
+    params: ParamsOpt = Path("params.yaml"),
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Export the annotations and write votes.parquet, pairs.parquet and agreement.json."""
+    from unifl.labeling.client import LabelStudioClient, LabelStudioClientError
+    from unifl.labeling.pipeline import pull_labels
+
+    labeling = load(params, preset, set_).labeling
+    try:
+        client = LabelStudioClient.from_config(labeling)
+        report = pull_labels(client, labeling, out)
+    except (LabelStudioClientError, ValueError, OSError) as exc:
+        raise _labeling_failed(exc) from None
+    _echo_labels(report)
+
+
+@stage_app.command("label")
+def stage_label(
+    pairs: PairsDirOpt,
+    out: LabelsOutOpt,
+    params: ParamsOpt = Path("params.yaml"),
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Label pairs with simulated annotators (an export file, or a server if labeling.url is set)."""
+    from unifl.labeling.client import LabelStudioClientError
+    from unifl.labeling.pipeline import label_pairs
+
+    config = load(params, preset, set_)
+    try:
+        report = label_pairs(config, pairs, out)
+    except (LabelStudioClientError, ValueError, OSError) as exc:
+        raise _labeling_failed(exc) from None
+    _echo_labels(report)
+
+
+cluster_app = typer.Typer(help="Running on a Kubernetes cluster.", no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
+
+
+@cluster_app.command("check")
+def cluster_check(
+    needs: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--needs", help="Settings group to check: mlflow, s3, labeling, training (repeatable)."
+        ),
+    ] = None,
+) -> None:
+    """Check the ConfigMap/Secret-provided settings of this pod; name every missing key."""
+    from unifl.cluster.settings import ClusterSettingsError, load_cluster_settings
+
+    try:
+        settings = load_cluster_settings(needs=needs or ["mlflow"])
+    except (ClusterSettingsError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if settings.mlflow:
+        typer.echo(f"mlflow: tracking URI {settings.mlflow.tracking_uri}")
+    if settings.s3:
+        typer.echo(
+            f"s3: endpoint {settings.s3.endpoint_url}, buckets {settings.s3.mlflow_artifacts_bucket}"
+            f" and {settings.s3.task_images_bucket}, credentials set"
+        )
+    if settings.labeling:
+        typer.echo(f"labeling: Label Studio at {settings.labeling.url}, token set")
+    if settings.training:
+        training = settings.training
+        selector = ",".join(f"{k}={v}" for k, v in training.gpu_node_selector.items())
+        typer.echo(
+            f"training: {training.api} with runtime {training.runtime} in namespace "
+            f"{training.namespace}, checkpoints on PVC {training.checkpoint_pvc}, GPU nodes "
+            f"{selector} tolerating {training.gpu_toleration_key}"
+        )
+
+
 if __name__ == "__main__":
     app()
