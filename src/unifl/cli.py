@@ -347,5 +347,118 @@ def cluster_check(
         )
 
 
+@stage_app.command("curate")
+def stage_curate(
+    model: Annotated[
+        str,
+        typer.Option("--model", help="Base model directory or hub id (its text encoder embeds)."),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output directory (replaced as a whole).")],
+    source: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--source", help="Prompt file: CSV, JSONL or Parquet (repeatable); none: toy."
+        ),
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Curate prompts: clean, dedupe, active selection; write prompts.parquet and a report."""
+    from unifl.data.prompts import CurationError, PromptSourceError, run_curate_stage
+    from unifl.data.selection import SelectionError
+
+    config = load(params, preset, set_)
+    try:
+        report = run_curate_stage(config, source or [], model, out)
+    except (CurationError, PromptSourceError, SelectionError, ValueError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    dropped = ", ".join(f"{reason}={count}" for reason, count in report.dropped.items() if count)
+    typer.echo(
+        f"curated {report.output_rows} of {report.input_rows} prompts ({dropped or 'none dropped'})"
+    )
+    if report.selection:
+        selection = report.selection
+        typer.echo(
+            "mean nearest-neighbour similarity "
+            f"{selection['mean_nn_similarity_before']:.3f} -> "
+            f"{selection['mean_nn_similarity_selected'] or float('nan'):.3f} "
+            f"(tau2={selection['tau2']})"
+        )
+    typer.echo(f"wrote {out}")
+
+
+@stage_app.command("generate-pairs")
+def stage_generate_pairs(
+    model: Annotated[str, typer.Option("--model", help="Model directory or hub id that samples.")],
+    prompts: Annotated[
+        Path, typer.Option("--prompts", help="Curated prompts (directory or prompts.parquet).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Pairs directory (replaced as a whole).")],
+    model_version: Annotated[
+        str | None,
+        typer.Option("--model-version", help="Recorded in the manifest; default: --model."),
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Generate two images per curated prompt with the model; write PNGs and the pair manifest."""
+    from unifl.data.pairs import run_pairs_stage
+
+    config = load(params, preset, set_)
+    try:
+        report = run_pairs_stage(config, prompts, model, out, model_version)
+    except (ValueError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"generated {report.pairs} pairs ({report.images} images) in {report.seconds:.1f} s")
+    typer.echo(f"wrote {out}")
+
+
+@stage_app.command("validate")
+def stage_validate(
+    kind: Annotated[
+        str, typer.Option("--kind", help="Suite: prompts, pairs, votes or evaluation.")
+    ],
+    table: Annotated[
+        Path, typer.Option("--table", help="Table file (Parquet, CSV, JSONL) or its directory.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Report directory (replaced as a whole).")],
+    image_root: Annotated[
+        Path | None,
+        typer.Option(
+            "--image-root", help="Base of relative image paths; default: the table's directory."
+        ),
+    ] = None,
+    expect_column: Annotated[
+        list[str] | None,
+        typer.Option("--expect-column", help="evaluation: a column that must exist (repeatable)."),
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Validate a table with its Great Expectations suite; exit 1 on failure (report in --out)."""
+    from unifl.data.validation import DataValidationError, options_from_params, validate
+
+    config = load(params, preset, set_)
+    options = options_from_params(config, image_root)
+    options.expected_columns = expect_column
+    try:
+        result = validate(kind, table, out, options)  # type: ignore[arg-type]
+    except DataValidationError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except (ValueError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(
+        f"{kind}: {result.evaluated} expectations met on {result.rows} rows; "
+        f"report {result.report_html}"
+    )
+
+
 if __name__ == "__main__":
     app()

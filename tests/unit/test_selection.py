@@ -10,6 +10,7 @@ from unifl.config import CurateConfig
 from unifl.data.scene_graph import RuleBasedSceneGraphParser, SceneGraph, SceneGraphParser
 from unifl.data.selection import (
     SelectionError,
+    base_model_embedder,
     greedy_similarity_compression,
     mean_nearest_neighbour_similarity,
     nearest_neighbour_similarity,
@@ -289,3 +290,22 @@ def test_faiss_backend_matches_torch_when_installed() -> None:
     torch_kept = greedy_similarity_compression(embeddings, 0.8, order, 32, "torch")
     faiss_kept = greedy_similarity_compression(embeddings, 0.8, order, 32, "faiss")
     assert torch_kept.tolist() == faiss_kept.tolist()
+
+
+@pytest.mark.parametrize("preset", ["toy-sd15", "toy-sdxl"])
+def test_base_model_embedder_agrees_with_encode_prompt(preset: str) -> None:
+    from unifl.models.base import encode_prompt
+    from unifl.models.toy_presets import build_toy_model
+
+    model = build_toy_model(preset, seed=0)
+    prompts = ["a red circle on a dark background", "a small blue square above a green triangle"]
+    embeddings = base_model_embedder(model, batch_size=1, show_progress=False)(prompts)
+    with torch.no_grad():
+        conditioning = encode_prompt(model, prompts)
+    if preset == "toy-sdxl":
+        expected = torch.nn.functional.normalize(conditioning.pooled_prompt_embeds, dim=1)
+    else:
+        mask = model.tokenizer(prompts, padding="max_length", return_tensors="pt")["attention_mask"]
+        summed = (conditioning.prompt_embeds * mask.unsqueeze(-1)).sum(dim=1)
+        expected = torch.nn.functional.normalize(summed / mask.sum(dim=1, keepdim=True), dim=1)
+    assert torch.allclose(embeddings, expected, atol=1e-5)

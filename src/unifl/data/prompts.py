@@ -536,3 +536,35 @@ def read_prompts(path: str | Path) -> pd.DataFrame:
     if missing:
         raise PromptSourceError(f"{path}: missing columns {missing}")
     return frame
+
+
+def run_curate_stage(
+    params: Any,
+    sources: Sequence[str | Path],
+    model_source: str | Path,
+    out_dir: str | Path,
+    show_progress: bool = True,
+) -> CurationReport:
+    """The `curate` stage: load the base model's text encoder, then `curate_prompts`.
+
+    Without `sources` the embedded default is used: `curate.toy_prompts`
+    synthetic toy-world captions drawn with `project.seed`. Device and
+    precision follow `params.project`.
+    """
+    from unifl.data.selection import base_model_embedder
+    from unifl.data.toy_prompts import toy_prompts
+    from unifl.models.base import load_base_model
+    from unifl.models.precision import precision_from_config
+
+    config: CurateConfig = params.curate
+    seed = int(params.project.seed)
+    inputs: list[str | Path | pd.DataFrame] = list(sources)
+    if not inputs:
+        captions = toy_prompts(config.toy_prompts, seed, bare_fraction=0.1)
+        inputs = [prompts_frame(captions, source=f"<toy prompts seed={seed}>")]
+    device, dtype, vae_dtype = precision_from_config(params.project)
+    model = load_base_model(
+        model_source, params.model.family, device=device, dtype=dtype, vae_dtype=vae_dtype
+    )
+    embed = base_model_embedder(model, config.embed_batch_size, show_progress)
+    return curate_prompts(inputs, out_dir, config, seed, embed, show_progress=show_progress)

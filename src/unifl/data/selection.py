@@ -429,3 +429,25 @@ def text_encoder_embedder(
         return torch.cat(rows)
 
     return embed
+
+
+def base_model_embedder(model: Any, batch_size: int = 256, show_progress: bool = True) -> Embedder:
+    """The production `Embedder`: the base model's own text encoder.
+
+    SD1.5: mean of the text encoder's last hidden state over non-padding
+    tokens (the states `unifl.models.base.encode_prompt` feeds the UNet).
+    SDXL: the pooled projection of the second encoder, the same vector as
+    `encode_prompt(...).pooled_prompt_embeds`. Prompts are therefore "similar"
+    when the model being tuned reads them alike.
+    """
+    if model.family == "sdxl":
+        return text_encoder_embedder(
+            model.tokenizer_2,
+            model.text_encoder_2,
+            batch_size,
+            pooled=True,
+            show_progress=show_progress,
+        )
+    return text_encoder_embedder(
+        model.tokenizer, model.text_encoder, batch_size, pooled=False, show_progress=show_progress
+    )
