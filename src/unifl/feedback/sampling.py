@@ -24,7 +24,6 @@ identically in the no-grad and the gradient part.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -101,15 +100,6 @@ def ddim_step(
     return alpha_cumprod_prev**0.5 * x0 + (1.0 - alpha_cumprod_prev) ** 0.5 * noise_pred
 
 
-def concat_embeds(first: PromptEmbeds, second: PromptEmbeds) -> PromptEmbeds:
-    """Stack two prompt embeddings on the batch axis (unconditional first for CFG)."""
-    values = {}
-    for field in dataclasses.fields(first):
-        a, b = getattr(first, field.name), getattr(second, field.name)
-        values[field.name] = torch.cat([a, b]) if isinstance(a, Tensor) else a
-    return PromptEmbeds(**values)
-
-
 def guided_noise(
     model: BaseModel,
     latents: Tensor,
@@ -122,7 +112,7 @@ def guided_noise(
     t = torch.full((latents.shape[0],), timestep, dtype=torch.long, device=latents.device)
     if guidance_scale == 1.0 or uncond_embeds is None:
         return predict_noise(model, latents, t, embeds)
-    both = concat_embeds(uncond_embeds, embeds)
+    both = embeds.with_unconditional(uncond_embeds)
     eps_uncond, eps_cond = predict_noise(
         model, torch.cat([latents, latents]), torch.cat([t, t]), both
     ).chunk(2)
