@@ -191,7 +191,7 @@ def _read_model_index(source: str, revision: str | None) -> dict[str, Any] | Non
 
     try:
         return DiffusionPipeline.load_config(source, revision=revision)
-    except Exception as exc:  # noqa: BLE001 - hub errors come in many classes
+    except Exception as exc:  # the hub client raises many unrelated classes
         raise CheckpointError(
             f"{source}: not a directory and no model_index.json on the hub ({exc})"
         ) from None
