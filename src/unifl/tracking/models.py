@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,21 +102,29 @@ def runtime_requirements() -> list[str]:
 
 @contextlib.contextmanager
 def _active(run: StageRun) -> Iterator[None]:
-    """Make `run` MLflow's active run for the ``log_model`` calls (they log into it)."""
+    """Make `run` MLflow's active run for the ``log_model`` calls (they log into it).
+
+    MLflow's advice to give an input example and predict type hints is silenced: an input
+    example makes logging load the model and generate, and type hints would replace the
+    explicit signature.
+    """
     import mlflow
 
     mlflow.set_tracking_uri(run.tracking_uri)
     mlflow.set_registry_uri(run.tracking_uri)
-    active = mlflow.active_run()
-    if active is not None and active.info.run_id == run.run_id:
-        yield
-        return
-    with tracking_errors(run.tracking_uri):
-        mlflow.start_run(run_id=run.run_id, nested=True)
-    try:
-        yield
-    finally:
-        mlflow.end_run()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == run.run_id:
+            yield
+            return
+        with tracking_errors(run.tracking_uri):
+            mlflow.start_run(run_id=run.run_id, nested=True)
+        try:
+            yield
+        finally:
+            mlflow.end_run()
 
 
 def _register(

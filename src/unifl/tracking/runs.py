@@ -368,6 +368,31 @@ class StageRun:
         else:
             raise ValueError(f"table artifact {artifact_file!r}: use a .csv or .json name")
 
+    def log_evaluation(self, out_dir: str | Path, artifact_path: str = "evaluation") -> None:
+        """Log an evaluation output directory: ``metrics.json`` as metrics, files as artifacts.
+
+        With the default `artifact_path` the per-prompt table lands where the promotion
+        gates read it (``evaluation/per_prompt.csv``, `promotion.per_prompt_artifact`).
+        """
+        directory = Path(out_dir)
+        metrics_file = directory / "metrics.json"
+        if not directory.is_dir():
+            raise FileNotFoundError(f"evaluation directory {directory} does not exist")
+        if metrics_file.is_file():
+            try:
+                metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{metrics_file}: not valid JSON: {exc.msg}") from None
+            if not isinstance(metrics, dict):
+                raise ValueError(f"{metrics_file}: expected a mapping of metric -> number")
+            numbers = {
+                name: float(value)
+                for name, value in metrics.items()
+                if isinstance(value, int | float) and not isinstance(value, bool)
+            }
+            self.log_metrics(numbers)
+        self.log_artifact(directory, artifact_path)
+
     def log_image(self, image: Image.Image, artifact_file: str) -> None:
         """An image artifact (e.g. a sample grid), saved as PNG."""
         if Path(artifact_file).suffix.lower() != ".png":
