@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -319,7 +319,7 @@ class LabelStudioClient:
             project=project_id,
         )
         for storage in storages:
-            if storage.path and path.startswith(str(storage.path).rstrip("/")):
+            if storage.path and Path(path).is_relative_to(str(storage.path)):
                 return int(storage.id)
         storage = self._call(
             f"adding local storage {path} to project {project_id}",
@@ -448,8 +448,3 @@ class LabelStudioClient:
             return httpx.get(full, headers=headers, timeout=30).status_code
         except httpx.HTTPError as exc:
             raise self._error(f"fetching {url}", exc) from None
-
-
-def batched(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

@@ -95,6 +95,7 @@ def push_pairs(
     client: LabelStudioClient, labeling: LabelingConfig, pairs_dir: str | Path
 ) -> PushReport:
     """Create or update the project, attach the image storage, import the pairs' tasks."""
+    client.whoami()  # a wrong URL or token fails here, before anything is read or sent
     pairs_dir, rows = _read_pairs(pairs_dir)
     image_url = image_url_builder(labeling, pairs_dir)
     tasks = pair_rows_to_tasks(rows, image_url)
@@ -154,6 +155,7 @@ def pull_labels(
     client: LabelStudioClient, labeling: LabelingConfig, out_dir: str | Path
 ) -> LabelsReport:
     """Export the project through the SDK and write the labels directory."""
+    client.whoami()
     projects = client.find_projects(labeling.project_title)
     if not projects:
         raise LabelingError(

@@ -1,0 +1,310 @@
+"""Against a real Label Studio server (see conftest.py): project, tasks, images, annotations, export."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from unifl.cli import app
+from unifl.config import DIMENSIONS, load_params
+from unifl.data.preferences import OVERALL, read_pairs
+from unifl.labeling.annotators import (
+    annotation_result,
+    make_panel,
+    score_pairs,
+    simulate_choices,
+    simulated_export,
+)
+from unifl.labeling.client import LabelStudioClient, LabelStudioClientError, Secret
+from unifl.labeling.export import convert_export
+from unifl.labeling.label_config import build_label_config
+from unifl.labeling.pipeline import label_pairs, pull_labels, push_pairs
+from unifl.labeling.tasks import write_pair_manifest
+
+pytestmark = pytest.mark.integration
+
+COLOURS = [
+    (230, 40, 40),
+    (40, 90, 140),
+    (30, 200, 60),
+    (200, 120, 210),
+    (20, 20, 220),
+    (120, 90, 0),
+]
+
+
+def channel_scores(paths, prompts):
+    """Mean of one channel per dimension: which image wins is obvious from the colours."""
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB"), np.float64) / 255 for p in paths])
+    means = pixels.mean(axis=(1, 2))
+    return {
+        "color": means[:, 0],
+        "layout": means[:, 1],
+        "detail": means[:, 2],
+        "lighting": means.mean(1),
+    }
+
+
+def make_pairs(directory: Path) -> list[dict]:
+    (directory / "images").mkdir(parents=True)
+    rows = []
+    for i in range(len(COLOURS) // 2):
+        for side, colour in zip("ab", COLOURS[2 * i : 2 * i + 2], strict=True):
+            Image.new("RGB", (16, 16), colour).save(directory / "images" / f"p{i}_{side}.png")
+        rows.append(
+            {
+                "pair_id": f"p{i}",
+                "prompt": f"a test scene {i}",
+                "image_a": f"images/p{i}_a.png",
+                "image_b": f"images/p{i}_b.png",
+                "seed_a": 2 * i,
+                "seed_b": 2 * i + 1,
+                "model_version": "toy-test",
+                "steps": 2,
+                "guidance_scale": 7.5,
+                "timestep_spacing": "leading",
+            }
+        )
+    write_pair_manifest(directory, rows)
+    return rows
+
+
+def labeling_params(label_studio, document_root: Path, **extra: str):
+    overrides = [
+        f"labeling.url={label_studio.url}",
+        f"labeling.document_root={document_root}",
+        f"labeling.project_title=test {uuid.uuid4().hex[:8]}",
+        *(f"labeling.{key}={value}" for key, value in extra.items()),
+    ]
+    return load_params(None, overrides=overrides)
+
+
+def test_project_setup_is_idempotent_and_config_checked_by_the_server(label_studio_client):
+    title = f"setup {uuid.uuid4().hex[:8]}"
+    config = build_label_config()
+    first = label_studio_client.ensure_project(title, config)
+    again = label_studio_client.ensure_project(title, config)
+    assert first.created and not again.created and not again.config_updated
+    assert again.id == first.id
+    assert [p.id for p in label_studio_client.find_projects(title)] == [first.id]
+
+    changed = config.replace('hotkey="1"', 'hotkey="0"')
+    updated = label_studio_client.ensure_project(title, changed)
+    assert updated.id == first.id and updated.config_updated
+    stored = label_studio_client.sdk.projects.get(first.id).label_config
+    assert 'hotkey="0"' in stored
+
+    # The server validates configs: ours was accepted, a broken one is refused.
+    broken = config.replace('toName="prompt"', 'toName="nowhere"', 1)
+    with pytest.raises(
+        LabelStudioClientError, match=rf"{label_studio_client.url} answered HTTP 400"
+    ):
+        label_studio_client.ensure_project(f"broken {uuid.uuid4().hex[:8]}", broken)
+
+
+def test_push_serve_annotate_export_convert(
+    label_studio, label_studio_client, label_studio_document_root
+):
+    pairs_dir = label_studio_document_root / f"pairs-{uuid.uuid4().hex[:8]}"
+    rows = make_pairs(pairs_dir)
+    params = labeling_params(label_studio, label_studio_document_root, import_batch_size="2")
+    client = label_studio_client
+
+    pushed = push_pairs(client, params.labeling, pairs_dir)
+    assert pushed.project_created and pushed.tasks_imported == 3
+    again = push_pairs(client, params.labeling, pairs_dir)
+    assert again.project_id == pushed.project_id and not again.project_created
+    assert again.tasks_imported == 0 and again.tasks_already_present == 3
+    assert again.storage_id == pushed.storage_id
+    task_ids = pushed.task_ids_by_pair
+    assert len(client.sdk.projects.get(pushed.project_id).model_dump()) > 0
+    assert len(list(client.sdk.tasks.list(project=pushed.project_id))) == 3
+
+    # The image URL of a task is served by the server (local-file serving + storage).
+    task = client.sdk.tasks.get(task_ids["p0"])
+    assert task.data["image_a"].startswith("/data/local-files/?d=")
+    response = httpx.get(
+        label_studio.url + task.data["image_a"],
+        headers={"Authorization": f"Token {label_studio.credentials.token}"},
+    )
+    assert response.status_code == 200
+    assert response.content == (pairs_dir / "images" / "p0_a.png").read_bytes()
+    assert client.image_status(task.data["image_b"]) == 200
+
+    # Three annotators, as the labeling UI would post them; one skip by the admin.
+    users = [
+        client.ensure_user(f"it-annotator-{k}-{uuid.uuid4().hex[:6]}@unifl.local") for k in range(3)
+    ]
+    votes = {
+        "p0": [{"color": "A", "overall": "A"}, {"color": "A", "overall": "B"}, {"color": "B", "overall": "A"}],
+        "p1": [{"color": "Tie", "layout": "B", "overall": "Tie"}, {"color": "Tie", "overall": "Tie"}, {"overall": "B"}],
+        "p2": [{"detail": "B", "overall": "B"}, {"detail": "B", "overall": "B"}, {"detail": "A", "overall": "B"}],
+    }  # fmt: skip
+    for pair_id, per_user in votes.items():
+        for user_id, choices in zip(users, per_user, strict=True):
+            client.create_annotation(
+                task_ids[pair_id], annotation_result(choices), completed_by=user_id
+            )
+    client.create_annotation(task_ids["p2"], [], was_cancelled=True)
+
+    export = client.export_json(pushed.project_id)
+    assert sorted(t["data"]["pair_id"] for t in export) == ["p0", "p1", "p2"]
+    annotators_seen = {
+        a["completed_by"] for t in export for a in t["annotations"] if not a["was_cancelled"]
+    }
+    assert annotators_seen == set(users)
+
+    # A simulated export has exactly the structure of the real one.
+    panel = make_panel(3, 0.0, seed=0)
+    simulated = simulated_export(
+        rows,
+        panel,
+        simulate_choices(panel, *score_pairs(rows, pairs_dir, channel_scores), 0.02),
+        str,
+    )
+    real_task_keys = {key for t in export for key in t}
+    real_annotation_keys = {key for t in export for a in t["annotations"] for key in a}
+    assert {key for t in simulated for key in t} == real_task_keys
+    assert {key for t in simulated for a in t["annotations"] for key in a} == real_annotation_keys
+
+    result = convert_export(export, min_annotators=2)
+    summary = result.summary
+    assert (summary.tasks, summary.annotations, summary.annotations_cancelled) == (3, 10, 1)
+    assert summary.votes == 6 + 6 + 6  # p0: 3 x 2, p1: 3 + 2 + 1, p2: 3 x 2
+
+    def pair(pair_id: str, dimension: str) -> dict:
+        rows_ = result.pairs[
+            (result.pairs["task_id"] == str(task_ids[pair_id]))
+            & (result.pairs["dimension"] == dimension)
+        ]
+        assert len(rows_) == 1, (pair_id, dimension)
+        return rows_.iloc[0].to_dict()
+
+    p0 = pair("p0", "color")
+    assert (p0["image_w"], p0["tie"], p0["weight"]) == (
+        "images/p0_a.png",
+        False,
+        pytest.approx(2 / 3),
+    )
+    assert pair("p0", "overall")["image_w"] == "images/p0_a.png"
+    assert pair("p1", "color")["tie"] and pair("p1", "color")["weight"] == 1.0
+    p1_overall = pair("p1", "overall")
+    assert p1_overall["tie"] and p1_overall["weight"] == pytest.approx(2 / 3)
+    p2 = pair("p2", "detail")
+    assert (p2["image_w"], p2["image_l"], p2["num_votes"]) == (
+        "images/p2_b.png",
+        "images/p2_a.png",
+        3,
+    )
+    # p1 layout has one vote only: dropped below min_annotators=2.
+    assert summary.pairs_dropped_few_votes == 1
+    assert set(result.pairs["dimension"]) == {"color", "detail", OVERALL}
+
+    # `pull` writes the same tables from the server.
+    pulled = pull_labels(client, params.labeling, label_studio_document_root / "labels")
+    assert pulled.project_id == pushed.project_id
+    pulled_pairs = read_pairs(label_studio_document_root / "labels" / "pairs.parquet")
+    assert len(pulled_pairs) == len(convert_export(export, params.labeling.min_annotators).pairs)
+
+
+def test_label_stage_posts_simulated_annotations_through_the_api(
+    label_studio, label_studio_client, label_studio_document_root, tmp_path
+):
+    pairs_dir = label_studio_document_root / f"stage-{uuid.uuid4().hex[:8]}"
+    rows = make_pairs(pairs_dir)
+    params = labeling_params(
+        label_studio, label_studio_document_root, annotator_noise="0", num_annotators="2"
+    )
+    report = label_pairs(
+        params, pairs_dir, tmp_path / "labels", scorer=channel_scores, client=label_studio_client
+    )
+    assert report.annotations_posted == 3 * 2
+    export = json.loads((tmp_path / "labels" / "export.json").read_text())
+    emails = {user.id: user.email for user in label_studio_client.sdk.users.list()}
+    assert {emails[a["completed_by"]] for t in export for a in t["annotations"]} == {
+        "annotator-1@unifl.local",
+        "annotator-2@unifl.local",
+    }
+    pairs = read_pairs(tmp_path / "labels" / "pairs.parquet")
+    scores_a, scores_b = score_pairs(rows, pairs_dir, channel_scores)
+    by_pair = {t["data"]["pair_id"]: str(t["id"]) for t in export}
+    for i, row in enumerate(rows):
+        for dimension in DIMENSIONS:
+            got = pairs[
+                (pairs["task_id"] == by_pair[row["pair_id"]]) & (pairs["dimension"] == dimension)
+            ]
+            gap = scores_a[dimension][i] - scores_b[dimension][i]
+            expected = row["image_a"] if gap > 0.02 else row["image_b"]
+            assert abs(gap) > 0.02 and got.iloc[0]["image_w"] == expected
+    # A rerun posts nothing new: no doubled votes.
+    again = label_pairs(
+        params, pairs_dir, tmp_path / "again", scorer=channel_scores, client=label_studio_client
+    )
+    assert again.annotations_posted == 0 and again.summary.votes == report.summary.votes
+
+
+def test_personal_access_token_works(label_studio, label_studio_client):
+    created = label_studio_client.sdk.tokens.create()
+    client = LabelStudioClient(label_studio.url, Secret(created.token, "a personal access token"))
+    assert client.whoami()["email"] == label_studio.credentials.username
+
+
+def test_wrong_token_gives_a_clear_error_without_the_token(
+    label_studio, label_studio_document_root, monkeypatch
+):
+    wrong = "0123456789abcdef0123456789abcdef01234567"
+    client = LabelStudioClient(
+        label_studio.url, Secret(wrong, "environment variable LABEL_STUDIO_API_KEY")
+    )
+    with pytest.raises(LabelStudioClientError) as info:
+        client.whoami()
+    message = str(info.value)
+    assert f"Label Studio at {label_studio.url} refused the token" in message
+    assert "environment variable LABEL_STUDIO_API_KEY" in message and "HTTP 401" in message
+    assert wrong not in message
+
+    pairs_dir = label_studio_document_root / f"cli-{uuid.uuid4().hex[:8]}"
+    make_pairs(pairs_dir)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", wrong)
+    result = CliRunner().invoke(
+        app,
+        [
+            "labeling",
+            "push",
+            "--pairs",
+            str(pairs_dir),
+            "--set",
+            f"labeling.url={label_studio.url}",
+        ],
+    )
+    assert result.exit_code == 2
+    assert "refused the token from environment variable LABEL_STUDIO_API_KEY" in result.output
+    assert wrong not in result.output
+
+
+def test_cli_push_and_pull(label_studio, label_studio_document_root, tmp_path, monkeypatch):
+    pairs_dir = label_studio_document_root / f"cli-{uuid.uuid4().hex[:8]}"
+    make_pairs(pairs_dir)
+    monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
+    settings = [
+        "--set", f"labeling.url={label_studio.url}",
+        "--set", f"labeling.token_file={label_studio.token_path}",
+        "--set", f"labeling.document_root={label_studio_document_root}",
+        "--set", f"labeling.project_title=cli {uuid.uuid4().hex[:8]}",
+    ]  # fmt: skip
+    runner = CliRunner()
+    pushed = runner.invoke(app, ["labeling", "push", "--pairs", str(pairs_dir), *settings])
+    assert pushed.exit_code == 0, pushed.output
+    assert "(created)" in pushed.output and "imported 3 tasks, 0 already present" in pushed.output
+    pulled = runner.invoke(app, ["labeling", "pull", "--out", str(tmp_path / "labels"), *settings])
+    assert pulled.exit_code == 0, pulled.output
+    assert "3 tasks, 0 annotations" in pulled.output
+    assert read_pairs(tmp_path / "labels" / "pairs.parquet").empty
+    assert label_studio.credentials.token not in pushed.output + pulled.output
