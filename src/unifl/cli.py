@@ -213,6 +213,8 @@ def labeling_serve(
     labeling = load(params, preset, set_).labeling
     root = (document_root or Path(labeling.document_root)).resolve()
     data = data_dir or Path(labeling.server_dir) / "data"
+    typer.echo(f"Starting Label Studio {labeling.server_version} (data in {data}); the first start")
+    typer.echo("installs it and migrates its database, which takes a few minutes...")
     try:
         server = start_server(
             data,
@@ -220,6 +222,7 @@ def labeling_serve(
             port=port or labeling.server_port,
             cache_dir=labeling.server_dir,
             version=labeling.server_version,
+            template_dir=Path(labeling.server_dir) / f"template-{labeling.server_version}",
         )
     except LabelStudioServerError as exc:
         raise _labeling_failed(exc) from None
