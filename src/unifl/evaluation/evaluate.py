@@ -3,11 +3,12 @@
 For every step count of `evaluate.steps` (default 20 and 4) and every seed of
 `evaluate.seeds`, the model generates one image per prompt; then:
 
-* per image (and so per prompt): `caption_match` and `oracle_<dim>` (toy world,
-  when a segmenter is given; the oracle's layout score reads the segmenter's
-  predicted masks), `reward_<dim>` (when a `DecoupledRewardModel` is given),
+* per image (and so per prompt): `caption_match` (the image's share of matched
+  caption objects) and `oracle_<dim>` (toy world, when a segmenter is given;
+  the oracle's layout score reads the segmenter's predicted masks), `reward_<dim>` (when a `DecoupledRewardModel` is given),
   `clip_score` (when a CLIP scorer is given);
-* per step count: the means of those, `reward_<dim>_std`, `frechet` (Fréchet
+* per step count: the means of those (`caption_match`: the pooled rate,
+  matched over named objects of all images), `reward_<dim>_std`, `frechet` (Fréchet
   distance to real-image features, when given), `images_per_second`
   (generation only, after an untimed warm-up batch).
 
@@ -58,6 +59,8 @@ from unifl.evaluation.throughput import timed_generate, warm_up
 from unifl.io import atomic_directory, write_json
 
 KEY_COLUMNS: tuple[str, ...] = ("prompt_id", "prompt")
+CAPTION_OBJECTS = "caption_objects"
+"""Objects named by each caption: weights per-image caption-match into the pooled rate."""
 
 
 class EvaluationError(ValueError):
@@ -220,20 +223,21 @@ def image_metrics(
     metrics: dict[str, Tensor] = {}
     with torch.no_grad():
         if segmenter is not None:
-            from unifl.toy.caption_match import caption_match, predicted_masks
+            from unifl.toy.caption_match import match_masks, predicted_masks
             from unifl.toy.oracle import oracle_scores
-            from unifl.toy.world import CaptionError
+            from unifl.toy.world import CaptionError, parse_caption
 
-            on_device = images.to(_module_device(segmenter))
             try:
-                match = caption_match(segmenter, on_device, list(prompts))
-                masks = predicted_masks(segmenter, on_device).to(images.device)
+                objects = [len(parse_caption(prompt).objects) for prompt in prompts]
+                masks = predicted_masks(segmenter, images).to(images.device)
+                match = match_masks(masks, list(prompts))
                 oracle = oracle_scores(images, list(prompts), masks)
             except CaptionError as exc:
                 raise EvaluationError(
                     f"toy metrics need toy captions as prompts (a segmenter was given): {exc}"
                 ) from exc
             metrics["caption_match"] = torch.as_tensor(match.per_image).float().cpu()
+            metrics[CAPTION_OBJECTS] = torch.tensor(objects, dtype=torch.float32)
             for dimension, values in oracle.items():
                 metrics[f"oracle_{dimension}"] = values.float().cpu()
         if reward_model is not None:
@@ -378,14 +382,19 @@ def evaluate_model(
             frame.insert(2, "steps", steps)
             frame.insert(3, "seed", seed)
             for name, parts in metrics.items():
-                values = torch.cat(parts).numpy().astype(np.float64)
-                frame[name] = values
+                if name != CAPTION_OBJECTS:
+                    frame[name] = torch.cat(parts).numpy().astype(np.float64)
                 step_metrics.setdefault(name, []).append(torch.cat(parts))
             long_rows.append(frame)
         summary: dict[str, float] = {}
+        objects = step_metrics.pop(CAPTION_OBJECTS, None)
         for name, parts in step_metrics.items():
             values = torch.cat(parts).double()
             summary[name] = float(values.mean())
+            if name == "caption_match" and objects is not None:
+                # The toy world's rate pools objects over images (matched / named).
+                weights = torch.cat(objects).double()
+                summary[name] = float((values * weights).sum() / weights.sum())
             if name.startswith("reward_"):
                 summary[f"{name}_std"] = float(values.std()) if values.numel() > 1 else 0.0
         if extractor_for_frechet is not None and real_features is not None:
