@@ -28,6 +28,7 @@ from unifl.tracking.promotion import GatePolicy, PromotionError, promote, promot
 from unifl.tracking.registry import ALIASES, register_model_version, version_by_alias
 from unifl.tracking.runs import (
     TrackingError,
+    attach_run,
     connect,
     finish_pipeline_run,
     stage_run,
@@ -133,12 +134,16 @@ def test_pipeline_run_with_nested_stages(server: MlflowServer, monkeypatch) -> N
 
     with pytest.raises(RuntimeError, match="boom"), stage_run("decoupled", parent, params):
         raise RuntimeError("boom")
+    attach_run(params, parent).log_metrics({"wall_minutes": 1.5})
+    with pytest.raises(TrackingError, match="run '0123' not found"):
+        attach_run(params, "0123")
     finish_pipeline_run(params, parent)
 
     client = connect(params.tracking)
     parent_run = client.get_run(parent)
     stage = client.get_run(first_run_id)
     assert parent_run.info.status == "FINISHED"
+    assert parent_run.data.metrics["wall_minutes"] == 1.5
     assert stage.data.tags["mlflow.parentRunId"] == parent
     assert stage.data.tags["unifl.pipeline_run_id"] == "kfp-run-1"
     assert parent_run.data.params["pefl.steps"] == "200"
@@ -196,6 +201,25 @@ def test_unreachable_server_fails_fast_with_the_uri(server: MlflowServer) -> Non
     with pytest.raises(TrackingError, match="unreachable"), stage_run("pefl", None, params):
         pass
     assert time.monotonic() - start < 5
+
+
+def test_a_server_that_stops_answering_is_reported(monkeypatch) -> None:
+    from mlflow import MlflowClient
+
+    from unifl.config import TrackingConfig
+    from unifl.tracking.runs import StageRun, configure_http
+
+    for variable in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(variable, raising=False)
+    configure_http(TrackingConfig(http_max_retries=1, http_timeout_s=2))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    gone = StageRun(MlflowClient(uri), "0" * 32, "pefl", uri)
+    start = time.monotonic()
+    with pytest.raises(TrackingError, match=f"MLflow tracking server {uri} stopped answering"):
+        gone.metrics_callback(3, {"loss": 0.5})
+    assert time.monotonic() - start < 15
 
 
 def test_a_uri_that_is_not_the_server_root_is_reported(server: MlflowServer) -> None:
@@ -315,6 +339,15 @@ def test_promote_command(server: MlflowServer, tmp_path: Path) -> None:
     assert result.exit_code == 0 and "promoted to staging (override)" in result.output
     result = runner.invoke(app, ["promote", "--version", "99", *common])
     assert result.exit_code == 2 and "has no version 99" in result.output
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    result = runner.invoke(
+        app, ["promote", "--version", good, *common, "--set", f"tracking.tracking_uri={closed}"]
+    )
+    assert result.exit_code == 2
+    assert f"error: MLflow tracking server {closed} is unreachable" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_reward_model_pyfunc_round_trip(server: MlflowServer, tmp_path: Path) -> None:

@@ -400,6 +400,27 @@ class StageRun:
         self._log_file(artifact_file, lambda p: image.save(p, format="PNG"))
 
 
+def attach_run(params: Params, run_id: str) -> StageRun:
+    """A handle on an existing run (e.g. the pipeline's parent) that leaves its status alone.
+
+    For what belongs to the pipeline as a whole: lineage known only after labeling, the
+    final evaluation summary, the promotion decision.
+    """
+    _check_id("run id", run_id)
+    client = connect(params.tracking)
+    uri = params.tracking.tracking_uri
+    with tracking_errors(uri):
+        try:
+            run = client.get_run(run_id)
+        except Exception as exc:
+            if isinstance(exc, TrackingError):
+                raise
+            raise TrackingError(
+                f"run {run_id!r} not found on {redact_url_credentials(uri)}"
+            ) from None
+    return StageRun(client, run_id, run.data.tags.get(STAGE_TAG, "run"), uri)
+
+
 def _open_stage_run(
     client: MlflowClient, name: str, parent_run_id: str | None, experiment_name: str, uri: str
 ) -> str:
