@@ -257,7 +257,7 @@ def test_personal_access_token_works(label_studio, label_studio_client):
 
 
 def test_wrong_token_gives_a_clear_error_without_the_token(
-    label_studio, label_studio_document_root, monkeypatch
+    label_studio, label_studio_document_root, tmp_path, monkeypatch
 ):
     wrong = "0123456789abcdef0123456789abcdef01234567"
     client = LabelStudioClient(
@@ -273,17 +273,16 @@ def test_wrong_token_gives_a_clear_error_without_the_token(
     pairs_dir = label_studio_document_root / f"cli-{uuid.uuid4().hex[:8]}"
     make_pairs(pairs_dir)
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", wrong)
-    result = CliRunner().invoke(
-        app,
-        [
-            "labeling",
-            "push",
-            "--pairs",
-            str(pairs_dir),
-            "--set",
-            f"labeling.url={label_studio.url}",
-        ],
-    )
+    (tmp_path / "params.yaml").write_text("{}\n")
+    args = [
+        "labeling",
+        "push",
+        "--pairs",
+        str(pairs_dir),
+        "--params",
+        str(tmp_path / "params.yaml"),
+    ]
+    result = CliRunner().invoke(app, [*args, "--set", f"labeling.url={label_studio.url}"])
     assert result.exit_code == 2
     assert "refused the token from environment variable LABEL_STUDIO_API_KEY" in result.output
     assert wrong not in result.output
@@ -293,7 +292,9 @@ def test_cli_push_and_pull(label_studio, label_studio_document_root, tmp_path, m
     pairs_dir = label_studio_document_root / f"cli-{uuid.uuid4().hex[:8]}"
     make_pairs(pairs_dir)
     monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
+    (tmp_path / "params.yaml").write_text("{}\n")
     settings = [
+        "--params", str(tmp_path / "params.yaml"),
         "--set", f"labeling.url={label_studio.url}",
         "--set", f"labeling.token_file={label_studio.token_path}",
         "--set", f"labeling.document_root={label_studio_document_root}",

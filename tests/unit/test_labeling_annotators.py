@@ -233,7 +233,9 @@ def test_cli_stage_label(tmp_path):
     make_pairs(pairs_dir, 2)
     scorer = f"{__name__}:channel_scorer_factory"
     runner = CliRunner()
+    (tmp_path / "params.yaml").write_text("{}\n")  # defaults, whatever the repository's file holds
     args = ["stage", "label", "--pairs", str(pairs_dir), "--out", str(tmp_path / "labels")]
+    args += ["--params", str(tmp_path / "params.yaml")]
     result = runner.invoke(app, [*args, "--set", f"labeling.scorer={scorer}"])
     assert result.exit_code == 0, result.output
     assert "2 tasks, 10 annotations" in result.output
