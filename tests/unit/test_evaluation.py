@@ -167,6 +167,37 @@ def test_clip_score_is_100_times_the_clamped_cosine() -> None:
         clip_score(model, tokenizer, images, prompts[:2])
 
 
+def test_backbone_features_from_saved_cnn_and_clip_checkpoints(tmp_path) -> None:
+    from transformers import ResNetConfig, ResNetModel
+
+    from unifl.evaluation import BackboneFeatureExtractor
+    from unifl.evaluation.clip_score import ClipScorer
+
+    torch.manual_seed(0)
+    resnet = ResNetModel(
+        ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
+    )
+    resnet.save_pretrained(tmp_path / "resnet")
+    extractor = BackboneFeatureExtractor.from_pretrained(tmp_path / "resnet")
+    images = torch.rand(3, 3, 32, 32)
+    features = extract_features(extractor, images, batch_size=2)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = resnet.eval()((images - mean) / std).pooler_output.reshape(3, -1)
+    assert features.shape == (3, 16)
+    assert torch.allclose(features, expected, atol=1e-5)
+
+    clip, tokenizer = tiny_clip(), toy_tokenizer()
+    clip.save_pretrained(tmp_path / "clip")
+    tokenizer.save_pretrained(tmp_path / "clip")
+    clip_features = BackboneFeatureExtractor.from_pretrained(tmp_path / "clip")(images)
+    assert clip_features.shape == (3, 8)  # the projected image embedding
+    scorer = ClipScorer.from_pretrained(tmp_path / "clip")
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    assert torch.allclose(scorer(images, prompts), clip_score(clip, tokenizer, images, prompts))
+
+
 # --------------------------------------------------------------------------- grids
 
 

@@ -130,6 +130,25 @@ def extract_features(extractor: FeatureExtractor, images: Tensor, batch_size: in
     return torch.cat(batches)
 
 
+def preprocessing_from_config(config: Any, image_size: int | None = None) -> ImagePreprocessing:
+    """Preprocessing for a checkpoint saved without an image processor.
+
+    Transformer backbones (ViT, CLIP) accept only their configured input size,
+    so images are resized to `image_size` or the config's (square); CNNs
+    without one keep the input size. CLIP checkpoints get CLIP's statistics,
+    others ImageNet's.
+    """
+    vision_config = getattr(config, "vision_config", None) or config
+    size = image_size or getattr(vision_config, "image_size", None)
+    if getattr(config, "model_type", "") in ("clip", "clip_vision_model"):
+        from unifl.evaluation.clip_score import CLIP_MEAN, CLIP_STD
+
+        return ImagePreprocessing(
+            mean=CLIP_MEAN, std=CLIP_STD, size=(size, size) if size else None, mode="bicubic"
+        )
+    return ImagePreprocessing(size=(int(size), int(size)) if size else None)
+
+
 class BackboneFeatureExtractor(torch.nn.Module):
     """Pooled features of a transformers vision model (production Fréchet features).
 
@@ -152,7 +171,9 @@ class BackboneFeatureExtractor(torch.nn.Module):
 
         model = AutoModel.from_pretrained(str(source), revision=revision)
         processor = load_image_processor(source, revision)
-        return cls(model, ImagePreprocessing.from_processor(processor, image_size))
+        if processor is not None:
+            return cls(model, ImagePreprocessing.from_processor(processor, image_size))
+        return cls(model, preprocessing_from_config(model.config, image_size))
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
