@@ -78,7 +78,9 @@ def per_prompt_table(shift: float, seed: int) -> pd.DataFrame:
     )
 
 
-def candidate_version(params: Params, parent: str, stage: str, shift: float, seed: int) -> str:
+def candidate_version(
+    params: Params, parent: str, stage: str, shift: float, seed: int, with_table: bool = True
+) -> str:
     """A version logged by a training run and judged by a separate evaluation run.
 
     The evaluation run logs an evaluation output directory (metrics.json, per_prompt.csv)
@@ -88,7 +90,8 @@ def candidate_version(params: Params, parent: str, stage: str, shift: float, see
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(tmp) / "evaluation"
         out_dir.mkdir()
-        table.to_csv(out_dir / "per_prompt.csv", index=False)
+        if with_table:
+            table.to_csv(out_dir / "per_prompt.csv", index=False)
         metrics = {"reward_color": float(table["reward_color"].mean()), "clip": 0.3 + shift}
         (out_dir / "metrics.json").write_text(json.dumps(metrics))
         with stage_run(f"evaluate-{stage}", parent, params) as evaluation:
@@ -303,6 +306,14 @@ def test_promotion_lifecycle_with_legacy_stages(server: MlflowServer, monkeypatc
     assert version.tags["unifl.gate.staging.decision"] == "promoted (override)"
     assert version_by_alias(client, name, "challenger").version == v3
     assert version_by_alias(client, name, "champion").version == v2
+
+    # v4: an evaluation without the per-prompt table cannot show it is not worse.
+    v4 = candidate_version(params, parent, "v4", shift=0.3, seed=4, with_table=False)
+    blind = promote(client, name, v4, gate_policy(params))
+    assert not blind.promoted
+    assert [g.detail for g in blind.failed_gates] == [
+        "candidate has no per-prompt table (evaluation/per_prompt.csv)"
+    ]
 
 
 def gate_policy(params: Params) -> GatePolicy:
