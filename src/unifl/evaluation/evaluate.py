@@ -3,14 +3,19 @@
 For every step count of `evaluate.steps` (default 20 and 4) and every seed of
 `evaluate.seeds`, the model generates one image per prompt; then:
 
-* per image (and so per prompt): `caption_match` (the image's share of matched
-  caption objects) and `oracle_<dim>` (toy world, when a segmenter is given;
-  the oracle's layout score reads the segmenter's predicted masks), `reward_<dim>` (when a `DecoupledRewardModel` is given),
+* per image (and so per prompt): `caption_match` (the image's share of the
+  caption's objects that the toy segmenter finds) and `oracle_<dim>` (toy
+  world, when a segmenter is given; the layout oracle reads the segmenter's
+  predicted masks), `reward_<dim>` (when a `DecoupledRewardModel` is given),
   `clip_score` (when a CLIP scorer is given);
 * per step count: the means of those (`caption_match`: the pooled rate,
-  matched over named objects of all images), `reward_<dim>_std`, `frechet` (Fréchet
-  distance to real-image features, when given), `images_per_second`
+  matched over named objects of all images), `reward_<dim>_std`, `frechet`
+  (Fréchet distance to real-image features, when given), `images_per_second`
   (generation only, after an untimed warm-up batch).
+
+The initial noise of a prompt depends on the seed and the prompt's position,
+so candidate and champion evaluated with the same prompts and config draw the
+same noise for each prompt (see `chunk_seed`).
 
 Names: a value at S steps is `<metric>_<S>steps` (e.g. `caption_match_20steps`)
 both in the summary and as a column of the per-prompt table, so a promotion
@@ -24,6 +29,7 @@ Outputs (`out_dir`, replaced as a whole, never half-written):
     per_prompt.parquet  <metric>_<S>steps columns; the promotion gate pairs
                         candidate and champion rows by prompt_id
     per_sample.parquet  long form: prompt_id, prompt, steps, seed, <metric> columns
+    per_sample.csv
     grid_<S>steps.png   the first `grid_prompts` prompts, seed `seeds[0]`: baseline
                         (before) and model (after) rows from the same prompts and seed
     grid_steps.png      the model at every step count, same prompts and seed
@@ -500,11 +506,13 @@ def write_evaluation(
         result.per_prompt.to_csv(tmp / "per_prompt.csv", index=False)
         result.per_prompt.to_parquet(tmp / "per_prompt.parquet", index=False)
         result.per_sample.to_parquet(tmp / "per_sample.parquet", index=False)
+        result.per_sample.to_csv(tmp / "per_sample.csv", index=False)
         names.update(
             metrics="metrics.json",
             per_prompt="per_prompt.csv",
             per_prompt_parquet="per_prompt.parquet",
             per_sample="per_sample.parquet",
+            per_sample_csv="per_sample.csv",
         )
         captions: dict[str, str] = {}
         for steps, rows in grids.items():
