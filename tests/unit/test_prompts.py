@@ -231,7 +231,10 @@ def test_near_duplicates_keep_the_first_occurrence() -> None:
 
 
 def test_curate_prompts_writes_table_and_report(tmp_path: Path, toy_embed) -> None:
-    rows = [{"prompt": c, "user": f"u{i}"} for i, c in enumerate(CAPTIONS)]
+    rows = [
+        {"prompt": c, "user": f"u{i}", "meta": m}
+        for i, (c, m) in enumerate(zip(CAPTIONS, [7, "seven", {"n": 7}], strict=True))
+    ]  # mixed metadata types are stored as text
     rows += [{"prompt": "a circle", "user": "bare"}, {"prompt": None, "user": "nan"}]
     rows += [{"prompt": CAPTIONS[0].upper(), "user": "shouting"}]  # same tokens: near-duplicate
     source = tmp_path / "prompts.jsonl"
@@ -250,6 +253,9 @@ def test_curate_prompts_writes_table_and_report(tmp_path: Path, toy_embed) -> No
         "source_row",
     ]
     assert "user" in table.columns
+    expected_meta = dict(zip(CAPTIONS, ["7", "seven", '{"n": 7}'], strict=True))
+    for text, meta in zip(table["prompt"], table["meta"], strict=True):
+        assert meta == expected_meta[text]
     assert len(table) == report.output_rows == 2
     assert set(table["prompt"]) <= set(CAPTIONS)
     assert (table["semantic_score"] >= 1).all()

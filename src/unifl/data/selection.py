@@ -339,23 +339,30 @@ def select_prompts(
     """Active prompt selection: semantic filter (tau1), compression (tau2), sample.
 
     `scores` holds every input prompt's semantic score. Prompts that fail the
-    semantic filter are never embedded. Same inputs and seed give the same
-    selection.
+    semantic filter are never embedded, and a repeated prompt is parsed and
+    embedded once (its copies share the vector, so compression drops them).
+    Same inputs and seed give the same selection.
     """
     clock = time.perf_counter()
-    scores = semantic_scores(list(prompts), parser)
+    distinct = list(dict.fromkeys(prompts))
+    row_of = {text: row for row, text in enumerate(distinct)}
+    distinct_scores = semantic_scores(distinct, parser)
+    scores = [distinct_scores[row_of[text]] for text in prompts]
     passing = [index for index, score in enumerate(scores) if score >= config.tau1]
     semantic_seconds = time.perf_counter() - clock
 
     clock = time.perf_counter()
     texts = [prompts[index] for index in passing]
     if texts:
-        embeddings = embed(texts)
-        if embeddings.shape[0] != len(texts):
+        to_embed = list(dict.fromkeys(texts))
+        vectors = embed(to_embed)
+        if vectors.shape[0] != len(to_embed):
             raise SelectionError(
-                f"embed returned {embeddings.shape[0]} rows for {len(texts)} prompts"
+                f"embed returned {vectors.shape[0]} rows for {len(to_embed)} prompts"
             )
-        embeddings = normalize_embeddings(embeddings, "embed(prompts)")
+        vectors = normalize_embeddings(vectors, "embed(prompts)")
+        embed_row = {text: row for row, text in enumerate(to_embed)}
+        embeddings = vectors[torch.tensor([embed_row[text] for text in texts])]
     else:
         embeddings = torch.empty(0, 1)
     embed_seconds = time.perf_counter() - clock
