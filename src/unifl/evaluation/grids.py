@@ -52,9 +52,12 @@ def save_comparison_grid(
         raise GridError("a grid needs at least one prompt")
     arrays = {label: _to_numpy(images, label, len(prompts)) for label, images in rows.items()}
     num_rows, num_cols = len(arrays), len(prompts)
-    label_inches, header_inches = 1.2, 0.8 + (0.3 if title else 0.0)
+    label_inches, header_inches, margin_inches = 1.2, 1.0 + (0.3 if title else 0.0), 0.1
     figure = Figure(
-        figsize=(label_inches + num_cols * cell_inches, header_inches + num_rows * cell_inches),
+        figsize=(
+            label_inches + num_cols * cell_inches + margin_inches,
+            header_inches + num_rows * cell_inches + margin_inches,
+        ),
         dpi=dpi,
     )
     FigureCanvasAgg(figure)
@@ -62,7 +65,7 @@ def save_comparison_grid(
     for row, (label, images) in enumerate(arrays.items()):
         for col in range(num_cols):
             left = (label_inches + col * cell_inches) / width
-            bottom = 1 - (header_inches + (row + 1) * cell_inches) / height
+            bottom = 1 - (header_inches + (row + 1) * cell_inches - 0.04 * cell_inches) / height
             axes = figure.add_axes(
                 (left, bottom, cell_inches / width * 0.96, cell_inches / height * 0.96)
             )
@@ -70,7 +73,9 @@ def save_comparison_grid(
             axes.set_xticks([])
             axes.set_yticks([])
             if row == 0:
-                wrapped = "\n".join(textwrap.wrap(prompts[col], wrap_chars)[:4])
+                wrapped = "\n".join(
+                    textwrap.wrap(prompts[col], wrap_chars, max_lines=5, placeholder=" ...")
+                )
                 axes.set_title(wrapped, fontsize=7, loc="center")
             if col == 0:
                 axes.set_ylabel(label, fontsize=9, rotation=0, ha="right", va="center")
