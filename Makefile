@@ -11,6 +11,8 @@ export MLFLOW_ENABLE_TELEMETRY := false
 export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# Without this, OpenMP threads spin-wait and a loaded 2-core machine runs torch 10x slower.
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: install run test lint format bench clean
 
@@ -57,7 +59,8 @@ image:
 # Pin the images to the versions of this environment (torch without its local build tag).
 constraints: $(STAMP)
 	{ sed -n '1,/^[^#]/{/^#/p}' requirements/constraints.txt; \
-	  $(BIN)/pip freeze --exclude-editable | sed -E 's/^([A-Za-z0-9_.-]+==[^+]+)\+.*/\1/'; \
+	  $(BIN)/pip freeze --all --exclude-editable | grep -v '^pip==' \
+	    | sed -E 's/^([A-Za-z0-9_.-]+==[^+]+)\+.*/\1/'; \
 	} > requirements/constraints.txt.new && mv requirements/constraints.txt.new requirements/constraints.txt
 
 # Resolve the package against the constraints on the package index (network, minutes).
