@@ -421,6 +421,25 @@ class PipelineConfig(Section):
     toleration_key: str = Field("nvidia.com/gpu", description="Taint key tolerated by GPU stages.")
 
 
+class ClusterConfig(Section):
+    """Multi-node training on a Kubernetes cluster (unifl.cluster); endpoints come from the
+    unifl-endpoints ConfigMap, not from here."""
+
+    num_nodes: int = Field(
+        1,
+        ge=1,
+        description="Nodes per training stage; above 1 the stage runs as a Kubeflow TrainJob "
+        "(or PyTorchJob) instead of in its pipeline pod.",
+    )
+    start_timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        description="Seconds a multi-node job may wait for its pods (free GPU nodes, image "
+        "pulls) before it is deleted and the stage fails with the scheduling reason.",
+    )
+    poll_s: float = Field(10.0, gt=0, description="Seconds between status polls of the job.")
+
+
 class Params(Section):
     """All stage sections; the shape of `params.yaml`."""
 
@@ -441,6 +460,7 @@ class Params(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
 
 def preset_path(name: str) -> Path:
