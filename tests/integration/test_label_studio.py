@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
 from pathlib import Path
@@ -309,3 +310,55 @@ def test_cli_push_and_pull(label_studio, label_studio_document_root, tmp_path, m
     assert "3 tasks, 0 annotations" in pulled.output
     assert read_pairs(tmp_path / "labels" / "pairs.parquet").empty
     assert label_studio.credentials.token not in pushed.output + pulled.output
+
+
+def test_s3_storage_serves_presigned_images(
+    label_studio, label_studio_client, s3_server, tmp_path, monkeypatch
+):
+    pairs_dir = tmp_path / "pairs"
+    rows = make_pairs(pairs_dir)
+    bucket, prefix = f"pairs-{uuid.uuid4().hex[:8]}", "runs/7/pairs"
+    assert httpx.put(f"{s3_server}/{bucket}").status_code == 200
+    for row in rows:
+        for side in ("image_a", "image_b"):
+            body = (pairs_dir / row[side]).read_bytes()
+            assert httpx.put(f"{s3_server}/{bucket}/{prefix}/{row[side]}", content=body).is_success
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test-key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
+    params = labeling_params(
+        label_studio,
+        tmp_path,
+        storage="s3",
+        s3_bucket=bucket,
+        s3_prefix=prefix,
+        s3_endpoint=s3_server,
+        s3_region="us-east-1",
+        presign_ttl_minutes="5",
+    )
+    pushed = push_pairs(label_studio_client, params.labeling, pairs_dir)
+    again = push_pairs(label_studio_client, params.labeling, pairs_dir)
+    assert pushed.tasks_imported == 3 and again.tasks_imported == 0
+    assert again.storage_id == pushed.storage_id
+
+    task_id = pushed.task_ids_by_pair["p1"]
+    exported = {t["id"]: t for t in label_studio_client.export_json(pushed.project_id)}
+    assert exported[task_id]["data"]["image_a"] == f"s3://{bucket}/{prefix}/images/p1_a.png"
+    # The task API hands the UI a resolver URL for the s3:// URI; the resolver
+    # redirects to a presigned URL of the storage's endpoint, which serves the image.
+    shown = label_studio_client.sdk.tasks.get(task_id).data["image_a"]
+    assert shown.startswith(f"/tasks/{task_id}/resolve/?fileuri=")
+    fileuri = shown.split("fileuri=", 1)[1]
+    assert base64.urlsafe_b64decode(fileuri + "=" * (-len(fileuri) % 4)).decode() == (
+        f"s3://{bucket}/{prefix}/images/p1_a.png"
+    )
+    resolved = httpx.get(
+        label_studio.url + shown,
+        headers={"Authorization": f"Token {label_studio.credentials.token}"},
+    )
+    assert resolved.status_code == 303
+    location = resolved.headers["location"]
+    assert location.startswith(f"{s3_server}/{bucket}/{prefix}/images/p1_a.png?")
+    assert "Signature" in location
+    image = httpx.get(location)
+    assert image.status_code == 200
+    assert image.content == (pairs_dir / "images" / "p1_a.png").read_bytes()

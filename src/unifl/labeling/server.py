@@ -131,57 +131,58 @@ def server_venv_dir(cache_dir: str | Path, version: str = LABEL_STUDIO_VERSION) 
     return Path(cache_dir) / f"venv-{version}"
 
 
-def ensure_server_installed(
-    cache_dir: str | Path, version: str = LABEL_STUDIO_VERSION, quiet: bool = False
+def ensure_tool_venv(
+    venv: str | Path, requirements: list[str], executable: str, quiet: bool = False
 ) -> Path:
-    """Path of the `label-studio` executable, installing it first if needed.
+    """Path of `executable` in a virtual environment holding `requirements`, made if needed.
 
-    The install is guarded by a file lock (two test sessions may race) and marked
-    complete by a stamp file written last, so an interrupted install is redone
-    instead of half-used.
+    For tools that must not share the project's environment (Label Studio, test
+    servers). The install is guarded by a file lock (two test sessions may race)
+    and marked complete by a stamp file written last, so an interrupted install
+    is redone instead of half-used.
     """
-    cache_dir = Path(cache_dir).resolve()
-    venv = server_venv_dir(cache_dir, version)
-    executable = venv / "bin" / "label-studio"
+    venv = Path(venv).resolve()
+    program = venv / "bin" / executable
     stamp = venv / INSTALLED_STAMP
-    if stamp.is_file() and executable.is_file():
-        return executable
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(cache_dir) / ".install.lock", "w") as lock:
+    if stamp.is_file() and program.is_file():
+        return program
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.parent / f".{venv.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if stamp.is_file() and executable.is_file():
-            return executable
+        if stamp.is_file() and program.is_file():
+            return program
         shutil.rmtree(venv, ignore_errors=True)
         started = time.monotonic()
         if not quiet:
             print(
-                f"Installing label-studio=={version} into {venv} (first use only; "
-                "about two minutes)...",
+                f"Installing {' '.join(requirements)} into {venv} (first use only; a few minutes)...",
                 file=sys.stderr,
                 flush=True,
             )
-        _run_or_raise([sys.executable, "-m", "venv", str(venv)], "creating the virtual environment")
+        _run_or_raise([sys.executable, "-m", "venv", str(venv)], f"creating {venv}")
         _run_or_raise(
-            [
-                str(venv / "bin" / "python"),
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                f"label-studio=={version}",
-            ],
-            f"installing label-studio=={version}",
+            [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", *requirements],
+            f"installing {' '.join(requirements)}",
         )
-        if not executable.is_file():
-            raise LabelStudioServerError(f"{executable} missing after installing label-studio")
-        stamp.write_text(f"{version} installed in {time.monotonic() - started:.0f} s\n")
+        if not program.is_file():
+            raise LabelStudioServerError(f"{program} missing after installing {requirements}")
+        elapsed = time.monotonic() - started
+        stamp.write_text(f"{' '.join(requirements)} installed in {elapsed:.0f} s\n")
         if not quiet:
             print(
-                f"Installed label-studio=={version} in {time.monotonic() - started:.0f} s",
+                f"Installed {' '.join(requirements)} in {elapsed:.0f} s",
                 file=sys.stderr,
                 flush=True,
             )
-    return executable
+    return program
+
+
+def ensure_server_installed(
+    cache_dir: str | Path, version: str = LABEL_STUDIO_VERSION, quiet: bool = False
+) -> Path:
+    """Path of the `label-studio` executable, installed from the registry on first use."""
+    venv = server_venv_dir(Path(cache_dir).resolve(), version)
+    return ensure_tool_venv(venv, [f"label-studio=={version}"], "label-studio", quiet=quiet)
 
 
 def _run_or_raise(command: list[str], what: str) -> None:
@@ -327,6 +328,7 @@ def start_server(
     version: str = LABEL_STUDIO_VERSION,
     startup_timeout: float = 300.0,
     template_dir: str | Path | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> LabelStudioServer:
     """Install if needed, start Label Studio on `host:port` and wait until it is healthy.
 
@@ -334,7 +336,9 @@ def start_server(
     database migrations (about two minutes on 2 cores). With `template_dir`, an
     empty data directory is seeded from a snapshot of a freshly migrated one
     (made there on the first start), which brings later starts down to seconds;
-    the snapshot holds only the admin user and its credentials.
+    the snapshot holds only the admin user and its credentials. `extra_env` adds
+    or overrides server settings (e.g. SSRF_PROTECTION_ENABLED for a test S3 on
+    loopback).
     """
     data_dir = Path(data_dir).resolve()
     document_root = Path(document_root).resolve()
@@ -366,7 +370,7 @@ def start_server(
     ]
     process = subprocess.Popen(
         command,
-        env=server_environment(data_dir, document_root, credentials),
+        env={**server_environment(data_dir, document_root, credentials), **(extra_env or {})},
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
