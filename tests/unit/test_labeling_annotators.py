@@ -223,9 +223,11 @@ def test_label_stage_without_server_writes_tables_that_follow_the_scorer(tmp_pat
     assert all(agreement["dimensions"][d]["alpha"] in (1.0, None) for d in DIMENSIONS)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["source"] == "simulated annotators (no server)"
-    # Same seed, same labels.
+    # Same seed, same labels, byte for byte (DVC sees an unchanged output).
     label_pairs(params, pairs_dir, tmp_path / "again", scorer=channel_scores)
     pd.testing.assert_frame_equal(read_pairs(tmp_path / "again" / "pairs.parquet"), pairs)
+    for name in ("export.json", "agreement.json", "summary.json"):
+        assert (tmp_path / "again" / name).read_bytes() == (out / name).read_bytes()
 
 
 def test_cli_stage_label(tmp_path):

@@ -27,6 +27,7 @@ Two outputs, so the rest of the pipeline cannot tell simulated from human labels
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import secrets
 import uuid
@@ -49,6 +50,8 @@ if TYPE_CHECKING:
     from unifl.labeling.client import LabelStudioClient
 
 ANNOTATOR_EMAIL_DOMAIN = "unifl.local"
+SIMULATED_TIMESTAMP = datetime(2024, 4, 8, tzinfo=UTC)
+"""Creation time written into simulated exports: fixed, so identical inputs give identical files."""
 
 
 class ImageScorer(Protocol):
@@ -206,11 +209,21 @@ def simulate_choices(
     return panel_choices
 
 
-def annotation_result(choices: Mapping[str, str]) -> list[dict[str, Any]]:
-    """Label Studio `result` items for a set of choices, as the labeling UI writes them."""
+def annotation_result(choices: Mapping[str, str], key: str | None = None) -> list[dict[str, Any]]:
+    """Label Studio `result` items for a set of choices, as the labeling UI writes them.
+
+    The UI gives each item a random 10-character id; with `key` the ids are
+    derived from it instead, so a simulated export is the same file every time.
+    """
+
+    def item_id(dimension: str) -> str:
+        if key is None:
+            return secrets.token_urlsafe(8)[:10]
+        return hashlib.sha256(f"{key}/{dimension}".encode()).hexdigest()[:10]
+
     return [
         {
-            "id": secrets.token_urlsafe(8)[:10],
+            "id": item_id(dimension),
             "type": "choices",
             "value": {"choices": [choices[dimension]]},
             "origin": "manual",
@@ -239,9 +252,11 @@ def simulated_export(
     """A Label Studio JSON export (the Community edition's layout) of simulated annotations.
 
     User ids start at `first_user_id` (1 is the server's administrator), as they
-    would after `post_simulated_annotations` on a fresh server.
+    would after `post_simulated_annotations` on a fresh server. Ids, unique ids
+    and timestamps are derived from the inputs (`created_at` defaults to
+    `SIMULATED_TIMESTAMP`), so the same pairs and panel give the same file.
     """
-    moment = created_at or datetime.now(UTC)
+    moment = created_at or SIMULATED_TIMESTAMP
     tasks = pair_rows_to_tasks(rows, image_url)
     export: list[dict[str, Any]] = []
     annotation_id = 0
@@ -252,7 +267,8 @@ def simulated_export(
             annotation_id += 1
             stamp = _timestamp(moment + timedelta(seconds=annotation_id))
             user_id = first_user_id + annotator.index
-            result = annotation_result(choices[annotator.index][task_index])
+            key = f"{project_id}/{task['data']['pair_id']}/{annotator.index}"
+            result = annotation_result(choices[annotator.index][task_index], key=key)
             annotations.append(
                 {
                     "id": annotation_id,
@@ -266,7 +282,7 @@ def simulated_export(
                     "lead_time": None,
                     "prediction": {},
                     "result_count": 1 if result else 0,
-                    "unique_id": str(uuid.uuid4()),
+                    "unique_id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"unifl:{key}")),
                     "import_id": None,
                     "last_action": None,
                     "bulk_created": False,
