@@ -67,6 +67,21 @@ def config_describe() -> None:
 # Commands of the stages are added below, one function each, by the modules' owners.
 
 
+@toy_app.command("bootstrap")
+def toy_bootstrap(
+    out: Annotated[Path | None, typer.Option(help="Output directory; default: the cache.")] = None,
+    force: Annotated[bool, typer.Option(help="Retrain even when a cached result exists.")] = False,
+    params: ParamsOpt = Path("params.yaml"),
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Train the toy VAE, base model and segmenter (cached by config hash); print metrics."""
+    from unifl.toy.bootstrap import bootstrap_toy_world, summary_lines
+
+    result = bootstrap_toy_world(load(params, preset, set_), out_dir=out, force=force)
+    typer.echo("\n".join(summary_lines(result)))
+
+
 @app.command("promote")
 def promote(
     version: Annotated[str, typer.Option("--version", help="Registered model version.")],
@@ -461,6 +476,32 @@ def stage_validate(
         f"{kind}: {result.evaluated} expectations met on {result.rows} rows; "
         f"report {result.report_html}"
     )
+
+
+@stage_app.command("reward-train")
+def stage_reward_train(
+    pairs: Annotated[Path, typer.Option("--pairs", help="Majority pair table (Parquet).")],
+    images_root: Annotated[
+        Path, typer.Option("--images-root", help="Directory the table's image paths are under.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output: model/, metrics.json, ...")],
+    params: ParamsOpt = Path("params.yaml"),
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Train the decoupled reward model on preference pairs; calibrate and save alpha_d."""
+    from unifl.feedback.reward_training import train_reward_stage
+
+    config = load(params, preset, set_)
+    try:
+        result = train_reward_stage(config, pairs, images_root, out)
+    except (ValueError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    for key, value in sorted(result.metrics.items()):
+        if key.startswith(("val/accuracy", "alpha/")):
+            typer.echo(f"{key}: {value:.4f}")
+    typer.echo(f"reward model written to {out / 'model'}")
 
 
 if __name__ == "__main__":

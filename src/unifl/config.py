@@ -69,6 +69,12 @@ class BootstrapConfig(Section):
     segmenter_steps: int = Field(800, ge=0, description="Training steps of the toy segmenter.")
     batch_size: int = Field(64, ge=1, description="Batch size of every bootstrap trainer.")
     learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate of the bootstrap.")
+    vae_kl_weight: float = Field(
+        1e-3, ge=0, description="Weight of the toy VAE's KL term (per latent element)."
+    )
+    caption_dropout: float = Field(
+        0.1, ge=0, lt=1, description="Share of captions replaced by '' so CFG works."
+    )
 
 
 class ModelConfig(Section):
@@ -202,13 +208,31 @@ class RewardConfig(Section):
     )
     epochs: int = Field(20, ge=1, description="Training epochs over the preference pairs.")
     batch_size: int = Field(32, ge=1, description="Pairs per batch.")
-    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate.")
+    learning_rate: float = Field(
+        1e-3, gt=0, description="AdamW learning rate of the heads (toy default; CLIP: ~1e-4)."
+    )
     val_fraction: float = Field(
         0.2, gt=0, lt=1, description="Share of prompts held out for validation."
     )
     alpha_override: dict[str, float] = Field(
         default_factory=lambda: {"detail": 0.0},
         description="alpha_d set by hand instead of calibrated (paper: detail works best lower).",
+    )
+    backbone_learning_rate: float = Field(
+        1e-3,
+        ge=0,
+        description="AdamW learning rate of the shared CLIP backbone; 0 freezes it (heads only). "
+        "The toy backbone is random and must learn; for a pretrained CLIP use ~1e-5.",
+    )
+    head_hidden_dim: int = Field(128, ge=1, description="Hidden width of each dimension's MLP head.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping.")
+    tie_rule: Literal["soft", "drop"] = Field(
+        "soft",
+        description="Tied pairs: 'soft' (target 1/2, pulls the two rewards together) or 'drop'.",
+    )
+    image_cache_size: int = Field(
+        8192, ge=0, description="Decoded images kept in memory during reward training."
     )
 
 
@@ -233,8 +257,24 @@ class TrainerConfig(Section):
     )
     guidance_scale: float = Field(7.5, ge=1.0, description="CFG scale in the no-grad denoising.")
     mse_weight: float = Field(
-        0.0, ge=0, description="Weight of the optional noise-prediction MSE regulariser (paper: 0)."
+        0.0,
+        ge=0,
+        description="Weight of the optional noise-prediction MSE regulariser on real latents "
+        "(paper: 0; ImageReward advises one against over-fitting the reward).",
     )
+    lora_alpha: float | None = Field(
+        None, gt=0, description="LoRA alpha; none: the rank (adapter scale 1)."
+    )
+    warmup_steps: int = Field(
+        0, ge=0, description="Linear learning-rate warm-up steps (sibling: 1000 at full scale)."
+    )
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    grad_guidance_scale: float = Field(
+        1.0,
+        ge=1.0,
+        description="CFG scale of the UNet calls with gradients; 1: conditional only (half cost).",
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept in out/checkpoints.")
 
 
 PerceptualKind = Literal[
@@ -295,11 +335,17 @@ class DecoupledConfig(Section):
         default_factory=lambda: {d: 1.0 for d in DIMENSIONS},
         description="w_d per aesthetic dimension in L_aes.",
     )
-    min_step: int = Field(
-        10, ge=0, description="Gradient step drawn from the last steps: index in [min_step, steps)."
+    max_step: int = Field(
+        9,
+        ge=0,
+        description="Gradient step t drawn from [0, max_step], counted from the clean end of the "
+        "schedule (ImageReward: the last quarter of 40 steps; here the last half of 20).",
     )
     grad_scale: float = Field(
-        1e-3, gt=0, description="Scale of the reward loss (ImageReward: 1e-3)."
+        1e-3,
+        gt=0,
+        description="Scale of L_aes in every stage (ImageReward: 1e-3); it sets L_aes against "
+        "L_pefl, L_G and the MSE regulariser.",
     )
 
 
@@ -314,6 +360,25 @@ class AdversarialConfig(Section):
     adversarial_weight: float = Field(0.05, ge=0, description="Weight of L_G (sibling: 0.05).")
     aesthetic_weight: float = Field(1.0, ge=0, description="Weight of L_aes kept in stage 2.")
     inference_steps: int = Field(4, ge=1, description="Few-step inference target (paper: 4).")
+    timestep_spacing: Literal["leading", "trailing", "linspace"] = Field(
+        "trailing",
+        description="Spacing of the training schedule; 20 trailing steps contain every timestep "
+        "of 2-, 4-, 5- and 10-step trailing inference (999, 749, 499, 249 for 4).",
+    )
+    start_step: int | None = Field(
+        None, ge=0, description="T_a: real latents noised to this step; none: the noisiest step."
+    )
+    max_step: int | None = Field(
+        None,
+        ge=0,
+        description="Gradient step t drawn from [0, max_step]; none: start_step (whole schedule).",
+    )
+    discriminator_dimension: str = Field(
+        "detail", description="Reward head the discriminator starts from (paper: detail)."
+    )
+    eval_prompts: int = Field(
+        8, ge=0, description="Prompts sampled at inference_steps and at the full schedule at the end."
+    )
 
 
 class EvaluateConfig(Section):
@@ -419,6 +484,28 @@ class PipelineConfig(Section):
     node_selector_key: str = Field("unifl.io/node-pool", description="Node label of the GPU pool.")
     node_selector_value: str = Field("gpu", description="Value of the GPU pool node label.")
     toleration_key: str = Field("nvidia.com/gpu", description="Taint key tolerated by GPU stages.")
+    checkpoint_pvc: str = Field(
+        "unifl-checkpoints",
+        description="PersistentVolumeClaim mounted on the training steps so that a retried pod "
+        "resumes from the last checkpoint (ReadWriteMany; k8s/base/checkpoints-pvc.yaml).",
+    )
+    checkpoint_root: str = Field(
+        "/checkpoints",
+        description="Mount path of the checkpoint volume in the pods; `unifl run` uses a local "
+        "directory instead.",
+    )
+    retries: int = Field(
+        2, ge=0, description="Retries of a training step after a pod failure (each resumes)."
+    )
+    retry_backoff_s: int = Field(60, ge=0, description="Seconds before the first retry.")
+    shm_size: str = Field(
+        "16Gi", description="Size limit of the memory-backed /dev/shm of the GPU steps."
+    )
+    dvc_remote: str | None = Field(
+        None,
+        description="DVC remote URL (s3://..., a directory) the data steps push their outputs to; "
+        "none: the DVC hash is computed and recorded, nothing is pushed.",
+    )
 
 
 class ClusterConfig(Section):

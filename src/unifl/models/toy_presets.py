@@ -121,10 +121,10 @@ def toy_configs(preset: str, resolution: int = 32, vocab_size: int | None = None
         "out_channels": 3,
         "down_block_types": ["DownEncoderBlock2D"] * vae_blocks,
         "up_block_types": ["UpDecoderBlock2D"] * vae_blocks,
-        "block_out_channels": [32, 64, 64, 64][:vae_blocks],
+        "block_out_channels": [16, 32, 32, 32][:vae_blocks],
         "layers_per_block": 1,
         "latent_channels": 4,
-        "norm_num_groups": 16,
+        "norm_num_groups": 8,
         "sample_size": resolution,
         "scaling_factor": 1.0,
     }

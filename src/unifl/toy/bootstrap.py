@@ -1,0 +1,432 @@
+"""Bootstrap of the toy world: data, a toy perceptual model, a toy VAE and a toy base model.
+
+`bootstrap_toy_world(params)` builds, from nothing, what a production run
+loads from checkpoints: a latent diffusion model of the Stable Diffusion
+classes (VAE, UNet, CLIP text encoder(s), DDIM scheduler) trained on the toy
+world's images and captions, and the toy segmenter that perceptual feedback
+learning and the caption-match metric use. The output is cached by a hash of
+the configuration (`toy`, `bootstrap` and the seed), so `make run` and the
+tests train each configuration once.
+
+Training recipe (plain, as SD was pre-trained):
+1. segmenter: pixel cross-entropy on the generated images and semantic masks;
+2. VAE: reconstruction MSE in [-1, 1] plus a small KL term; afterwards the
+   latent scaling factor is set to 1 / std of the latents, as SD's 0.18215 was;
+3. UNet and text encoder(s): noise-prediction MSE at uniform random timesteps
+   of the 1000-step training schedule, captions dropped to "" with probability
+   `caption_dropout` so classifier-free guidance works.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from unifl.config import Params
+from unifl.io import atomic_directory, write_json
+
+BOOTSTRAP_FORMAT = "unifl-toy-bootstrap/1"
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass
+class BootstrapResult:
+    """Where the bootstrap wrote its outputs, and what it measured."""
+
+    directory: Path
+    manifest: dict[str, Any]
+    cached: bool
+
+    @property
+    def base_model_dir(self) -> Path:
+        return self.directory / "base"
+
+    @property
+    def segmenter_dir(self) -> Path:
+        return self.directory / "segmenter"
+
+    @property
+    def train_data_dir(self) -> Path:
+        return self.directory / "data" / "train"
+
+    @property
+    def eval_data_dir(self) -> Path:
+        return self.directory / "data" / "eval"
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.manifest["metrics"]
+
+
+def bootstrap_config(params: Params) -> dict[str, Any]:
+    """The part of the configuration that determines the bootstrap's output."""
+    return {
+        "format": BOOTSTRAP_FORMAT,
+        "seed": params.project.seed,
+        "toy": params.toy.model_dump(mode="json"),
+        "bootstrap": params.bootstrap.model_dump(mode="json", exclude={"cache_dir"}),
+    }
+
+
+def config_hash(params: Params) -> str:
+    text = json.dumps(bootstrap_config(params), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def default_directory(params: Params) -> Path:
+    """The cache directory of this configuration."""
+    return Path(params.bootstrap.cache_dir) / f"{params.bootstrap.family}-{config_hash(params)}"
+
+
+def load_cached(directory: Path, params: Params) -> BootstrapResult | None:
+    """The finished bootstrap in `directory` if it was made with this configuration."""
+    manifest_path = directory / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("config_hash") != config_hash(params):
+        return None
+    return BootstrapResult(directory, manifest, cached=True)
+
+
+def _lr_lambda(total_steps: int, warmup: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _batches(num_items: int, batch_size: int, steps: int, generator: torch.Generator):
+    """Indices of `steps` random mini-batches (epochs of random permutations)."""
+    order = torch.randperm(num_items, generator=generator)
+    position = 0
+    for _ in range(steps):
+        if position + batch_size > num_items:
+            order = torch.randperm(num_items, generator=generator)
+            position = 0
+        yield order[position : position + batch_size]
+        position += batch_size
+
+
+def train_vae(
+    vae,
+    images: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    kl_weight: float,
+    seed: int,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train an AutoencoderKL on images in [0, 1]; return its final losses."""
+    generator = torch.Generator().manual_seed(seed)
+    vae.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps, min(100, steps)))
+    recon_ema = kl_ema = float("nan")
+    bar = tqdm(
+        _batches(len(images), batch_size, steps, generator),
+        total=steps,
+        desc="toy VAE",
+        disable=not progress,
+    )
+    for index in bar:
+        pixels = images[index] * 2 - 1
+        posterior = vae.encode(pixels).latent_dist
+        latents = posterior.mean + posterior.std * torch.randn(
+            posterior.mean.shape, generator=generator
+        )
+        recon = vae.decode(latents).sample
+        recon_loss = F.mse_loss(recon, pixels)
+        kl = posterior.kl().mean() / posterior.mean[0].numel()
+        loss = recon_loss + kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        recon_ema = (
+            recon_loss.item()
+            if math.isnan(recon_ema)
+            else 0.95 * recon_ema + 0.05 * recon_loss.item()
+        )
+        kl_ema = kl.item() if math.isnan(kl_ema) else 0.95 * kl_ema + 0.05 * kl.item()
+        bar.set_postfix(recon=f"{recon_ema:.4f}", kl=f"{kl_ema:.3f}")
+    vae.eval().requires_grad_(False)
+    return {"vae_recon_mse": recon_ema, "vae_kl": kl_ema}
+
+
+@torch.no_grad()
+def calibrate_latent_scale(vae, images: torch.Tensor, batch_size: int = 256) -> float:
+    """Set `scaling_factor` to 1 / std of the latent means, so latents have unit variance."""
+    means = [
+        vae.encode(images[start : start + batch_size] * 2 - 1).latent_dist.mean
+        for start in range(0, len(images), batch_size)
+    ]
+    std = float(torch.cat(means).std())
+    scale = 1.0 / max(std, 1e-6)
+    vae.register_to_config(scaling_factor=scale)
+    return scale
+
+
+@torch.no_grad()
+def encode_dataset(
+    vae, images: torch.Tensor, batch_size: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every image, unscaled (sampled fresh at each UNet step)."""
+    means, stds = [], []
+    for start in range(0, len(images), batch_size):
+        posterior = vae.encode(images[start : start + batch_size] * 2 - 1).latent_dist
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_denoiser(
+    model,
+    images: torch.Tensor,
+    captions: list[str],
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    caption_dropout: float,
+    seed: int,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train the UNet and text encoder(s) with the noise-prediction objective."""
+    from unifl.models.base import encode_prompt, predict_noise
+
+    generator = torch.Generator().manual_seed(seed)
+    means, stds = encode_dataset(model.vae, images)
+    scale = float(model.vae.config.scaling_factor)
+    trainable = [model.unet, *model.text_encoders()]
+    parameters = [p for module in trainable for p in module.parameters()]
+    for module in trainable:
+        module.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps, min(200, steps)))
+    alphas = model.scheduler.alphas_cumprod
+    num_train_timesteps = int(model.scheduler.config.num_train_timesteps)
+    loss_ema = float("nan")
+    bar = tqdm(
+        _batches(len(images), batch_size, steps, generator),
+        total=steps,
+        desc="toy UNet",
+        disable=not progress,
+    )
+    for index in bar:
+        latents = (
+            means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)
+        ) * scale
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, num_train_timesteps, (len(index),), generator=generator)
+        abar = alphas[timesteps].view(-1, 1, 1, 1).float()
+        noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+        drop = torch.rand(len(index), generator=generator) < caption_dropout
+        batch_captions = [
+            "" if dropped else captions[i]
+            for i, dropped in zip(index.tolist(), drop.tolist(), strict=True)
+        ]
+        embeds = encode_prompt(model, batch_captions)
+        loss = F.mse_loss(predict_noise(model, noisy, timesteps, embeds), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        loss_ema = loss.item() if math.isnan(loss_ema) else 0.98 * loss_ema + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{loss_ema:.4f}")
+    for module in trainable:
+        module.eval().requires_grad_(False)
+    return {"unet_loss": loss_ema}
+
+
+def _peak_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def bootstrap_toy_world(
+    params: Params,
+    out_dir: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> BootstrapResult:
+    """Train (or load from the cache) the toy world's base model and segmenter.
+
+    `out_dir` defaults to the cache directory of this configuration. A finished
+    bootstrap with the same configuration hash is returned as it is unless
+    `force`; the directory is written whole or not at all.
+    """
+    from unifl.models.base import save_base_model
+    from unifl.models.sampler import generate
+    from unifl.models.segmenter import train_segmenter
+    from unifl.models.toy_presets import build_toy_model
+    from unifl.toy.caption_match import caption_match
+    from unifl.toy.dataset import generate_toy_batch, write_toy_dataset
+
+    directory = Path(out_dir) if out_dir is not None else default_directory(params)
+    if not force and (cached := load_cached(directory, params)) is not None:
+        return cached
+
+    toy, boot, seed = params.toy, params.bootstrap, params.project.seed
+    torch.manual_seed(seed)
+    timings: dict[str, float] = {}
+    metrics: dict[str, float] = {}
+    started = time.perf_counter()
+    with atomic_directory(directory) as tmp:
+        clock = time.perf_counter()
+        shape = {
+            "resolution": toy.resolution,
+            "min_objects": toy.min_objects,
+            "max_objects": toy.max_objects,
+        }
+        # Evaluation images come from their own seed so they never repeat training images.
+        eval_seed = toy.seed + 1
+        train_manifest = write_toy_dataset(
+            tmp / "data" / "train", toy.num_train, toy.seed, progress=progress, **shape
+        )
+        eval_manifest = write_toy_dataset(
+            tmp / "data" / "eval", toy.num_eval, eval_seed, progress=progress, **shape
+        )
+        train = generate_toy_batch(toy.num_train, toy.seed, **shape)
+        evaluation = generate_toy_batch(toy.num_eval, eval_seed, **shape)
+        images = train.image_tensor()
+        timings["data_s"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        segmenter, segmenter_metrics = train_segmenter(
+            images,
+            train.semantic_tensor(),
+            steps=boot.segmenter_steps,
+            batch_size=boot.batch_size,
+            seed=seed,
+            progress=progress,
+            eval_images=evaluation.image_tensor(),
+            eval_masks=evaluation.semantic_tensor(),
+        )
+        segmenter.save(tmp / "segmenter")
+        metrics.update({f"segmenter_{k}": float(v) for k, v in segmenter_metrics.items()})
+        timings["segmenter_s"] = time.perf_counter() - clock
+
+        model = build_toy_model(f"toy-{boot.family}", resolution=toy.resolution, seed=seed)
+        clock = time.perf_counter()
+        metrics.update(
+            train_vae(
+                model.vae,
+                images,
+                boot.vae_steps,
+                boot.batch_size,
+                boot.learning_rate,
+                boot.vae_kl_weight,
+                seed,
+                progress,
+            )
+        )
+        metrics["vae_scaling_factor"] = calibrate_latent_scale(model.vae, images)
+        timings["vae_s"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        metrics.update(
+            train_denoiser(
+                model,
+                images,
+                train.captions,
+                boot.unet_steps,
+                boot.batch_size,
+                boot.learning_rate,
+                boot.caption_dropout,
+                seed,
+                progress,
+            )
+        )
+        timings["unet_s"] = time.perf_counter() - clock
+        save_base_model(model, tmp / "base")
+
+        clock = time.perf_counter()
+        real = caption_match(segmenter, evaluation.image_tensor(), evaluation.captions)
+        samples = generate(
+            model,
+            evaluation.captions,
+            steps=params.sampling.steps,
+            guidance_scale=params.sampling.guidance_scale,
+            seed=seed,
+            progress=progress,
+        )
+        generated = caption_match(segmenter, samples, evaluation.captions)
+        metrics["caption_match_real"] = float(real.rate)
+        metrics["caption_match_base_20_steps"] = float(generated.rate)
+        _save_sample_grid(samples[:16], evaluation.captions[:16], tmp / "samples.png")
+        timings["evaluation_s"] = time.perf_counter() - clock
+        timings["total_s"] = time.perf_counter() - started
+
+        manifest = {
+            "format": BOOTSTRAP_FORMAT,
+            "config_hash": config_hash(params),
+            "config": bootstrap_config(params),
+            "family": boot.family,
+            "data": {
+                "train": {"count": toy.num_train, "hash": train_manifest["content_hash"]},
+                "eval": {"count": toy.num_eval, "hash": eval_manifest["content_hash"]},
+            },
+            "metrics": metrics,
+            "timings": timings,
+            "peak_rss_gib": _peak_rss_gib(),
+            "torch": torch.__version__,
+        }
+        write_json(tmp / MANIFEST_NAME, manifest)
+    return BootstrapResult(directory, manifest, cached=False)
+
+
+def _save_sample_grid(images: torch.Tensor, captions: list[str], path: Path) -> None:
+    """A captioned grid of samples, for people to look at."""
+    import matplotlib
+
+    from unifl.models.sampler import to_pil
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = 4
+    rows = math.ceil(len(images) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 2.4, rows * 2.6))
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, picture, caption in zip(axes.flat, to_pil(images), captions, strict=False):
+        axis.imshow(picture)
+        axis.set_title(caption, fontsize=6, wrap=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def summary_lines(result: BootstrapResult) -> list[str]:
+    """What `unifl toy bootstrap` prints."""
+    manifest = result.manifest
+    lines = [
+        f"toy bootstrap ({'cached' if result.cached else 'trained'}): {result.directory}",
+        f"  base model : {result.base_model_dir}",
+        f"  segmenter  : {result.segmenter_dir}",
+        f"  data       : {result.train_data_dir} ({manifest['data']['train']['count']} images), "
+        f"{result.eval_data_dir} ({manifest['data']['eval']['count']} images)",
+        f"  samples    : {result.directory / 'samples.png'}",
+    ]
+    for key, value in sorted(manifest["metrics"].items()):
+        lines.append(f"  {key:<28} {value:.4f}")
+    for key, value in manifest["timings"].items():
+        lines.append(f"  time {key:<23} {value:.1f}")
+    lines.append(f"  peak memory (GiB)             {manifest['peak_rss_gib']:.2f}")
+    return lines
