@@ -191,7 +191,7 @@ class LabelingConfig(Section):
         0.02, ge=0, description="Simulated annotators say Tie when |score gap + noise| <= this."
     )
     scorer: str = Field(
-        "unifl.toy.oracle:image_scorer",
+        "unifl.toy.scoring:image_scorer",
         description="module:function, a factory (params) -> scorer(paths, prompts) -> "
         "{dimension: scores}, followed by simulated annotators.",
     )
