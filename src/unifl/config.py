@@ -186,6 +186,11 @@ class LabelingConfig(Section):
     s3_prefix: str = Field("", description="Key prefix of the pairs directory in the bucket.")
     s3_endpoint: str | None = Field(None, description="S3-compatible endpoint URL (MinIO, GCS).")
     s3_region: str | None = Field(None, description="S3 region name.")
+    s3_presign: bool = Field(
+        False,
+        description="Redirect annotators to presigned object-store URLs (the store must be "
+        "reachable from their browsers); false: Label Studio streams the images itself.",
+    )
     presign_ttl_minutes: int = Field(60, ge=1, description="Lifetime of presigned image URLs.")
     tie_margin: float = Field(
         0.02, ge=0, description="Simulated annotators say Tie when |score gap + noise| <= this."

@@ -333,6 +333,7 @@ def test_s3_storage_serves_presigned_images(
         s3_prefix=prefix,
         s3_endpoint=s3_server,
         s3_region="us-east-1",
+        s3_presign=True,
         presign_ttl_minutes="5",
     )
     pushed = push_pairs(label_studio_client, params.labeling, pairs_dir)

@@ -339,10 +339,16 @@ class LabelStudioClient:
         *,
         region: str | None = None,
         endpoint: str | None = None,
+        presign: bool = False,
         presign_ttl_minutes: int = 60,
         title: str = "pairs",
     ) -> int:
-        """An S3-compatible import storage that presigns the tasks' s3:// URLs.
+        """An S3-compatible import storage that resolves the tasks' s3:// URLs.
+
+        With `presign` the annotators' browsers are redirected to presigned URLs
+        of the storage endpoint, which they must be able to reach; without it
+        Label Studio streams the images itself, which is what an in-cluster
+        object store (not reachable from outside the cluster) needs.
 
         Keys come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (/ AWS_SESSION_TOKEN)
         when set; otherwise the server's own credentials (e.g. an IAM role) are used.
@@ -359,7 +365,7 @@ class LabelStudioClient:
             "project": project_id,
             "bucket": bucket,
             "prefix": prefix,
-            "presign": True,
+            "presign": presign,
             "presign_ttl": presign_ttl_minutes,
             "use_blob_urls": False,
             "title": title,

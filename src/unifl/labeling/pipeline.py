@@ -112,6 +112,7 @@ def push_pairs(
             labeling.s3_prefix,
             region=labeling.s3_region,
             endpoint=labeling.s3_endpoint,
+            presign=labeling.s3_presign,
             presign_ttl_minutes=labeling.presign_ttl_minutes,
         )
     else:
