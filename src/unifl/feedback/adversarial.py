@@ -1,0 +1,249 @@
+"""Adversarial feedback learning: a reward model turned discriminator, for few-step inference.
+
+Stage 2 trains the diffusion model and a discriminator `r_a` together:
+
+    L2 = adversarial_weight * L_G + L_D + aesthetic_weight * L_aes (+ mse_weight * MSE)
+
+* `r_a` starts as a copy of the reward model's *detail* head with its CLIP
+  backbone (`adversarial.discriminator_dimension`), one output, trainable with
+  its own optimizer (`adversarial.discriminator_learning_rate`). The caption is
+  given to it for real and generated images alike.
+* `L_G = -mean r_a(x0', c)`: the discriminator's parameters are *detached* in
+  this term (`torch.func.functional_call`), so it moves only the UNet.
+* `L_D = BCE(r_a(x0, c), 1) + BCE(r_a(sg[x0'], c), 0)`: real images labelled 1,
+  the model's x0' (gradient stopped) labelled 0; one forward over [real; fake].
+* The two terms touch disjoint parameters, so one backward of their sum gives
+  the generator and the discriminator exactly their own gradients; both
+  optimisers then step: one generator and one discriminator update per step,
+  the generator's judged by the discriminator before its update.
+
+Which steps (documented, configurable): the schedule is
+`trainer.num_inference_steps` (20) DDIM steps with `adversarial.timestep_spacing`
+"trailing": timesteps 999, 949, ..., 49, which contain every timestep of 4-step
+trailing inference (999, 749, 499, 249), the sampler this stage optimises
+for. Real latents are noised to `T_a = adversarial.start_step` (default: the
+noisiest step, 19 -> t=999) and denoised without gradients, with guidance, to
+the gradient step `t` drawn uniformly from `[0, adversarial.max_step]`
+(default: `start_step`, i.e. the whole schedule), as PeFL does with its own
+`T_a` and range. At the end, the exported model samples `eval_prompts`
+captions at `inference_steps` (trailing) and at the full schedule, and the
+rewards and discriminator scores of both are reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from unifl.feedback.decoupled import aesthetic_feedback, resolve_aesthetic_weights
+from unifl.feedback.losses import discriminator_loss, generator_adversarial_loss
+from unifl.feedback.pefl import ImageBatch, check_image_data, collate_images
+from unifl.feedback.sampling import noise_latents, sample_step
+from unifl.feedback.trainer import (
+    ExportedModel,
+    FeedbackTrainer,
+    MetricsCallback,
+    StepOutput,
+)
+
+if TYPE_CHECKING:
+    from unifl.config import Params
+    from unifl.models.base import BaseModel
+    from unifl.models.reward import DecoupledRewardModel
+
+DISCRIMINATOR_DIR = "discriminator"
+
+
+def adversarial_steps(params: Params) -> tuple[int, int]:
+    """(T_a, max gradient step) of the adversarial stage, resolved and checked."""
+    config = params.adversarial
+    steps = params.trainer.num_inference_steps
+    start = steps - 1 if config.start_step is None else config.start_step
+    max_step = start if config.max_step is None else config.max_step
+    if start >= steps:
+        raise ValueError(
+            f"adversarial.start_step ({start}) must be below trainer.num_inference_steps ({steps})"
+        )
+    if max_step > start:
+        raise ValueError(
+            f"adversarial.max_step ({max_step}) must not exceed adversarial.start_step ({start})"
+        )
+    return start, max_step
+
+
+def make_discriminator(reward_model: DecoupledRewardModel, dimension: str) -> DecoupledRewardModel:
+    """A trainable copy of the reward model's backbone and `dimension` head (paper: detail)."""
+    if dimension not in reward_model.dimensions:
+        raise ValueError(
+            f"adversarial.discriminator_dimension {dimension!r}: the reward model has no such head "
+            f"(it has {list(reward_model.dimensions)})"
+        )
+    discriminator = reward_model.select_dimensions([dimension])
+    discriminator.requires_grad_(True)
+    return discriminator
+
+
+class AdversarialTrainer(FeedbackTrainer):
+    """Adversarial feedback learning (stage 2); see the module docstring.
+
+    Args:
+        model: the base model to tune (modified in place, see `FeedbackTrainer`).
+        data: real images with captions (map-style data set of dicts, e.g. `ToyDataset`).
+        reward_model: the decoupled reward model: frozen for `L_aes`, and the
+            initialisation of the discriminator.
+        params: the configuration (`trainer`, `adversarial`, `decoupled`, `project`).
+        out_dir: checkpoints, model, discriminator and history.
+    """
+
+    stage_name = "adversarial"
+
+    def __init__(
+        self,
+        model: BaseModel,
+        data: Any,
+        reward_model: DecoupledRewardModel,
+        params: Params,
+        out_dir: str | Path,
+        *,
+        metrics_callback: MetricsCallback | None = None,
+        progress: bool = True,
+    ) -> None:
+        config = params.adversarial
+        self.start_step, self.max_step = adversarial_steps(params)
+        check_image_data(data, model, "adversarial data")
+        discriminator = make_discriminator(reward_model, config.discriminator_dimension)
+        super().__init__(
+            model,
+            params,
+            out_dir,
+            steps=config.steps,
+            learning_rate=config.learning_rate,
+            num_items=len(data),
+            timestep_spacing=config.timestep_spacing,
+            metrics_callback=metrics_callback,
+            progress=progress,
+        )
+        self.data_set = data
+        self.dimension = config.discriminator_dimension
+        self.weights: dict[str, float] = {}
+        if config.aesthetic_weight > 0:
+            self.weights = resolve_aesthetic_weights(params.decoupled.weights, reward_model)
+        self.reward_model = self.frozen(reward_model)
+        self.discriminator = self.add_trainable(
+            "discriminator", discriminator, config.discriminator_learning_rate
+        )
+
+    def batch(self, micro_batch: int) -> ImageBatch:
+        return collate_images([self.data_set[i] for i in self.data.indices(micro_batch)])
+
+    def _scores_without_parameter_gradients(self, images: Tensor, prompts: list[str]) -> Tensor:
+        """r_a(images, c) with the discriminator's parameters detached (the generator's view)."""
+        from torch.func import functional_call
+
+        detached = {name: p.detach() for name, p in self.discriminator.named_parameters()}
+        scores = functional_call(
+            self.discriminator,
+            detached,
+            (images,),
+            {"prompts": prompts, "dimensions": [self.dimension]},
+        )
+        return scores[self.dimension]
+
+    def compute_loss(self, batch: ImageBatch, generator: torch.Generator) -> StepOutput:
+        config = self.params.adversarial
+        real = batch.images.to(self.device)
+        latents = self.encode(real)
+        embeds, uncond = self.prompt_embeds(batch.captions)
+        grad_step = sample_step(0, self.max_step, generator)
+        noise = self.randn(latents.shape, generator)
+        noisy = noise_latents(latents, noise, self.schedule.alpha(self.start_step))
+        sample = self.feedback(noisy, self.start_step, grad_step, embeds, uncond)
+        fake = self.decode(sample.x0_latents)
+
+        fake_scores = self._scores_without_parameter_gradients(fake, batch.captions)
+        generator_loss = generator_adversarial_loss(fake_scores)
+        loss = config.adversarial_weight * generator_loss
+        logs: dict[str, float] = {"g_loss": float(generator_loss.detach())}
+        if self.weights:
+            aesthetic, reward_logs = aesthetic_feedback(
+                self.reward_model,
+                fake,
+                batch.captions,
+                self.weights,
+                self.params.decoupled.grad_scale,
+            )
+            loss = loss + config.aesthetic_weight * aesthetic
+            logs.update(reward_logs)
+            logs["aes"] = float(aesthetic.detach())
+
+        prepared = self.group("discriminator").prepared
+        both = torch.cat([real.to(fake.dtype), fake.detach()])
+        logits = prepared(both, prompts=batch.captions * 2, dimensions=[self.dimension])
+        real_logits, fake_logits = logits[self.dimension].chunk(2)
+        d_loss = discriminator_loss(real_logits, fake_logits)
+        loss = loss + d_loss
+        accuracy = torch.cat([real_logits > 0, fake_logits < 0]).float().mean()
+        logs.update(
+            {
+                "d_loss": float(d_loss.detach()),
+                "d_real": float(real_logits.detach().float().mean()),
+                "d_fake": float(fake_logits.detach().float().mean()),
+                "d_accuracy": float(accuracy),
+            }
+        )
+        if self.config.mse_weight > 0:
+            mse = self.noise_regulariser(latents, embeds, generator)
+            loss = loss + self.config.mse_weight * mse
+            logs["mse"] = float(mse.detach())
+        logs.update({"t": grad_step, "timestep": sample.timestep})
+        return StepOutput(loss, logs)
+
+    def export(self) -> ExportedModel:
+        """The model and LoRA as every stage writes them, plus `out_dir/discriminator`."""
+        exported = super().export()
+        directory = self.out_dir / DISCRIMINATOR_DIR
+        if self.accelerator.is_main_process:
+            self.accelerator.unwrap_model(self.group("discriminator").prepared).save(directory)
+        self.accelerator.wait_for_everyone()
+        exported.extra["discriminator"] = directory
+        return exported
+
+    @torch.no_grad()
+    def few_step_check(self, model: BaseModel, prompts: Sequence[str]) -> dict[str, float]:
+        """Rewards and discriminator scores of `model`'s samples at few and at all steps.
+
+        Few-step samples use trailing DDIM at `adversarial.inference_steps`; the
+        full schedule uses `sampling.timestep_spacing`. Same prompts and seed.
+        """
+        from unifl.models.sampler import generate
+
+        config = self.params.adversarial
+        prompts = list(prompts)
+        if not prompts:
+            return {}
+        runs = {
+            config.inference_steps: "trailing",
+            self.config.num_inference_steps: self.params.sampling.timestep_spacing,
+        }
+        metrics: dict[str, float] = {}
+        discriminator = self.accelerator.unwrap_model(self.group("discriminator").prepared)
+        for steps, spacing in runs.items():
+            images = generate(
+                model,
+                prompts,
+                steps=steps,
+                guidance_scale=self.params.sampling.guidance_scale,
+                seed=self.seed,
+                timestep_spacing=spacing,
+                batch_size=self.config.batch_size,
+            ).to(self.device)
+            rewards = self.reward_model(images, prompts=prompts)
+            for dim, values in rewards.items():
+                metrics[f"reward_{dim}_{steps}steps"] = float(values.float().mean())
+            scores = discriminator(images, prompts=prompts, dimensions=[self.dimension])
+            metrics[f"discriminator_{steps}steps"] = float(scores[self.dimension].float().mean())
+        return metrics

@@ -1,0 +1,163 @@
+"""Every feedback stage runs one step on toy-sd15 and toy-sdxl from directories, and the CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from unifl.cli import app
+from unifl.config import load_params
+from unifl.feedback.stages import run_adversarial, run_decoupled, run_pefl
+from unifl.models.base import load_base_model, save_base_model
+from unifl.models.reward import DecoupledRewardModel, build_toy_reward_model
+from unifl.models.sampler import generate
+from unifl.models.segmenter import ToySegmenter
+from unifl.models.toy_presets import build_toy_model
+from unifl.toy.dataset import write_toy_dataset
+
+PRESETS = ["toy-sd15", "toy-sdxl"]
+STAGE_SETTINGS = [
+    "project.device=cpu",
+    "trainer.num_inference_steps=5",
+    "trainer.batch_size=2",
+    "trainer.guidance_scale=2.0",
+    "pefl.steps=1",
+    "pefl.start_step=2",
+    "pefl.max_step=1",
+    "decoupled.steps=1",
+    "decoupled.max_step=1",
+    "adversarial.steps=1",
+    "adversarial.start_step=3",
+    "adversarial.eval_prompts=2",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module", params=PRESETS)
+def inputs(request, tmp_path_factory):
+    """A saved toy base model, four toy images, a reward model and a segmenter."""
+    root = tmp_path_factory.mktemp(request.param)
+    save_base_model(build_toy_model(request.param), root / "base")
+    write_toy_dataset(root / "data", 4, seed=5, progress=False)
+    reward = build_toy_reward_model()
+    reward.set_alphas({"color": 1.0, "layout": 1.0, "detail": 1.0, "lighting": 1.0})
+    reward.save(root / "reward")
+    ToySegmenter().save(root / "segmenter")
+    return root
+
+
+def params(*extra: str):
+    return load_params(None, overrides=[*STAGE_SETTINGS, *extra])
+
+
+def check_common_outputs(out: Path, stage: str, family: str) -> dict:
+    model = load_base_model(out / "model")
+    assert model.family == family
+    assert not any("lora" in key for key in model.unet.state_dict())
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "checkpoints" / "step-00000001" / "trainer_state.json").is_file()
+    history = (out / "history.csv").read_text().splitlines()
+    assert history[0].startswith("step,loss") and history[1].startswith("1,")
+    assert json.loads((out / "stage.json").read_text())["stage"] == stage
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 1 and metrics["final_loss"] > 0
+    return metrics
+
+
+def test_pefl_runs_one_step(inputs, tmp_path):
+    family = load_base_model(inputs / "base").family
+    result = run_pefl(
+        params(),
+        inputs / "base",
+        inputs / "data",
+        tmp_path / "pefl",
+        reward=inputs / "reward",
+        segmenter=inputs / "segmenter",
+        progress=False,
+    )
+    metrics = check_common_outputs(result.out_dir, "pefl", family)
+    assert {"final_pefl", "final_pefl_toy_segmenter", "final_aes", "final_reward_color"} <= set(
+        metrics
+    )
+    assert result.lora_dir == tmp_path / "pefl" / "lora"
+    assert 0 <= metrics["final_t"] <= 1
+
+
+def test_decoupled_runs_one_step(inputs, tmp_path):
+    family = load_base_model(inputs / "base").family
+    result = run_decoupled(
+        params(),
+        inputs / "base",
+        inputs / "data",
+        inputs / "reward",
+        tmp_path / "dec",
+        progress=False,
+    )
+    metrics = check_common_outputs(result.out_dir, "decoupled", family)
+    assert metrics["final_hinge_color"] > 0  # alpha 1.0 is above the random rewards
+    assert metrics["final_loss"] == pytest.approx(metrics["final_aes"])
+    assert (
+        json.loads((tmp_path / "dec" / "stage.json").read_text())["config"]["decoupled"]["max_step"]
+        == 1
+    )
+
+
+def test_adversarial_runs_one_step_and_samples_in_four_trailing_steps(inputs, tmp_path):
+    family = load_base_model(inputs / "base").family
+    result = run_adversarial(
+        params(),
+        inputs / "base",
+        inputs / "data",
+        inputs / "reward",
+        tmp_path / "adv",
+        progress=False,
+    )
+    metrics = check_common_outputs(result.out_dir, "adversarial", family)
+    assert {"final_d_loss", "final_g_loss", "final_d_accuracy"} <= set(metrics)
+    assert {"reward_detail_4steps", "reward_detail_5steps", "discriminator_4steps"} <= set(metrics)
+    assert metrics["final_timestep"] in (999, 799, 599, 399)  # trailing 5-step timesteps, t <= 3
+    discriminator = DecoupledRewardModel.load(result.discriminator_dir)
+    assert discriminator.dimensions == ("detail",)
+    tuned = load_base_model(result.model_dir)
+    images = generate(
+        tuned, ["a red circle", "a blue square"], steps=4, timestep_spacing="trailing"
+    )
+    assert images.shape == (2, 3, 32, 32) and bool(torch.isfinite(images).all())
+
+
+def test_cli_stage_decoupled_resumes_and_names_bad_inputs(tmp_path):
+    root = tmp_path
+    save_base_model(build_toy_model("toy-sd15"), root / "base")
+    build_toy_reward_model().save(root / "reward")
+    (root / "prompts.txt").write_text("a red circle\na blue square on a dark background\n")
+    (root / "params.yaml").write_text("")
+    settings = [arg for item in STAGE_SETTINGS for arg in ("--set", item)]
+    command = [
+        "stage", "decoupled", "--base", str(root / "base"), "--prompts", str(root / "prompts.txt"),
+        "--reward", str(root / "reward"), "--out", str(root / "out"),
+        "--params", str(root / "params.yaml"), *settings,
+    ]  # fmt: skip
+    runner = CliRunner()
+    first = runner.invoke(app, command)
+    assert first.exit_code == 0, first.output
+    assert "decoupled: 1 steps" in first.output
+    second = runner.invoke(app, [*command, "--set", "decoupled.steps=2"])
+    assert second.exit_code == 0, second.output
+    assert "2 steps, resumed from step 1" in second.output
+    assert len((root / "out" / "history.csv").read_text().splitlines()) == 3
+
+    missing = runner.invoke(app, [*command[:6], "--reward", str(root / "nowhere"), *command[8:]])
+    assert missing.exit_code == 2
+    assert "nowhere" in missing.output
+    bad = runner.invoke(app, [*command, "--set", "decoupled.weights={sharpness: 1.0}"])
+    assert bad.exit_code == 2
+    assert "sharpness" in bad.output
