@@ -504,5 +504,113 @@ def stage_reward_train(
     typer.echo(f"reward model written to {out / 'model'}")
 
 
+BaseOpt = Annotated[
+    str, typer.Option("--base", help="Base model: diffusers directory, hub id or toy preset.")
+]
+RewardDirOpt = Annotated[Path, typer.Option("--reward", help="Decoupled reward model directory.")]
+StageOutOpt = Annotated[
+    Path,
+    typer.Option("--out", help="Output directory (model, lora, metrics; resumes its checkpoints)."),
+]
+ImagesOpt = Annotated[
+    Path, typer.Option("--data", help="Real images with captions and masks (toy data layout).")
+]
+
+
+def _run_feedback_stage(run: object) -> None:
+    """Run a feedback stage; exit 2 on bad input, 1 when training stops (NaN, ...)."""
+    import os
+
+    from unifl.feedback.trainer import TrainingError
+
+    try:
+        result = run()  # type: ignore[operator]
+    except TrainingError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except (ValueError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    metrics = result.metrics
+    resumed = f", resumed from step {result.resumed_from}" if result.resumed_from else ""
+    typer.echo(
+        f"{result.stage}: {int(metrics['steps'])} steps{resumed}, "
+        f"{metrics['steps_per_second']:.3g} steps/s"
+    )
+    shown = [k for k in metrics if k.startswith(("final_loss", "final_reward_", "reward_"))]
+    typer.echo("  " + ", ".join(f"{k} {metrics[k]:.4g}" for k in shown))
+    typer.echo(f"wrote {result.out_dir} (model in {result.model_dir})")
+
+
+@stage_app.command("pefl")
+def stage_pefl(
+    base: BaseOpt,
+    data: ImagesOpt,
+    out: StageOutOpt,
+    reward: Annotated[
+        Path | None, typer.Option("--reward", help="Reward model directory: adds L_aes.")
+    ] = None,
+    segmenter: Annotated[
+        Path | None,
+        typer.Option("--segmenter", help="Toy segmenter directory (pefl.perceptual model 'toy')."),
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Perceptual feedback learning (stage 1): L_pefl + L_aes on real images."""
+    from unifl.feedback.stages import run_pefl
+
+    config = load(params, preset, set_)
+    _run_feedback_stage(
+        lambda: run_pefl(config, base, data, out, reward=reward, segmenter=segmenter)
+    )
+
+
+@stage_app.command("decoupled")
+def stage_decoupled(
+    base: BaseOpt,
+    prompts: Annotated[
+        Path,
+        typer.Option(
+            "--prompts", help="Prompts: curated table, toy data set, CSV/JSONL/Parquet or .txt."
+        ),
+    ],
+    reward: RewardDirOpt,
+    out: StageOutOpt,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="Real images for the MSE regulariser (trainer.mse_weight)."),
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Decoupled aesthetic feedback learning: one hinge per reward dimension."""
+    from unifl.feedback.stages import run_decoupled
+
+    config = load(params, preset, set_)
+    _run_feedback_stage(lambda: run_decoupled(config, base, prompts, reward, out, data=data))
+
+
+@stage_app.command("adversarial")
+def stage_adversarial(
+    base: BaseOpt,
+    data: ImagesOpt,
+    reward: RewardDirOpt,
+    out: StageOutOpt,
+    params: ParamsOpt = Path("params.yaml"),
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Adversarial feedback learning (stage 2): generator and discriminator, for 4-step inference."""
+    from unifl.feedback.stages import run_adversarial
+
+    config = load(params, preset, set_)
+    _run_feedback_stage(lambda: run_adversarial(config, base, data, reward, out))
+
+
 if __name__ == "__main__":
     app()
