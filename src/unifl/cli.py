@@ -504,6 +504,159 @@ def stage_reward_train(
     typer.echo(f"reward model written to {out / 'model'}")
 
 
+PipelineOpt = Annotated[
+    str, typer.Option("--pipeline", help="Which pipeline: full, collect or train.")
+]
+
+
+@app.command("run")
+def run_pipeline(
+    pipeline: PipelineOpt = "full",
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Run directory (default <project.work_dir>/local)."),
+    ] = None,
+    run_id: Annotated[
+        str | None, typer.Option("--run-id", help="Pipeline run id; reuse one to resume it.")
+    ] = None,
+    prompt_source: Annotated[
+        str, typer.Option("--prompts", help="Prompt file(s), comma-separated; default: toy.")
+    ] = "",
+    labels_export: Annotated[
+        str, typer.Option("--labels-export", help="Label Studio export instead of simulation.")
+    ] = "",
+    pairs_uri: Annotated[
+        str, typer.Option("--pairs-uri", help="train: pairs of a collect run (default: newest).")
+    ] = "",
+    prompts_uri: Annotated[
+        str,
+        typer.Option("--prompts-uri", help="train: prompts of a collect run (default: newest)."),
+    ] = "",
+    cache: Annotated[
+        bool, typer.Option("--cache/--no-cache", help="Reuse cached data steps (KFP caching).")
+    ] = True,
+    params: ParamsOpt = Path("params.yaml"),
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run a pipeline locally with kfp.local: the toy world, simulated annotators, MLflow on
+    SQLite. Prints the evaluation, the promotion decision, the outputs and the MLflow UI
+    command."""
+    from unifl.orchestration.local import LocalRunError, run_local
+    from unifl.tracking.runs import TrackingError
+
+    config = load(params, preset, set_)
+    try:
+        summary = run_local(
+            config,
+            pipeline,
+            out_dir=out,
+            pipeline_run_id=run_id,
+            prompt_source=prompt_source,
+            labels_export=labels_export,
+            pairs_uri=pairs_uri,
+            prompts_uri=prompts_uri,
+            cache=cache,
+        )
+    except (ConfigError, TrackingError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except LocalRunError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(summary.text())
+
+
+@app.command("compile")
+def compile_pipelines_command(
+    out: Annotated[
+        Path, typer.Option("--out", help="Directory of the compiled pipeline YAML files.")
+    ] = Path("pipelines/compiled"),
+    image: Annotated[
+        str | None,
+        typer.Option("--image", help="Image NAME:TAG of the steps (default unifl:<version>)."),
+    ] = None,
+    gpu_image: Annotated[
+        str | None,
+        typer.Option("--gpu-image", help="Image of the GPU steps (default <image>-cuda)."),
+    ] = None,
+    pipeline: Annotated[
+        list[str] | None, typer.Option("--pipeline", help="Only these pipelines (repeatable).")
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Compile the pipelines to YAML for the Kubeflow UI (defaults from the configuration)."""
+    from unifl.pipelines.compile import compile_pipelines
+
+    config = load(params, preset, set_)
+    names = pipeline or ["full", "collect", "train"]
+    unknown = sorted(set(names) - {"full", "collect", "train"})
+    if unknown:
+        typer.echo(f"error: unknown pipelines {unknown}; expected full, collect, train", err=True)
+        raise typer.Exit(2)
+    for path in compile_pipelines(config, out, image=image, gpu_image=gpu_image, names=names):
+        typer.echo(f"wrote {path}")
+
+
+@app.command("submit")
+def submit_pipeline_command(
+    host: Annotated[str, typer.Option("--host", help="Kubeflow Pipelines API URL.")],
+    pipeline: PipelineOpt = "full",
+    experiment: Annotated[str, typer.Option("--experiment", help="KFP experiment.")] = "unifl",
+    run_name: Annotated[str | None, typer.Option("--run-name", help="Name of the run.")] = None,
+    arg: Annotated[
+        list[str] | None,
+        typer.Option("--arg", help="Run parameter name=value, e.g. pefl_steps=500 (repeatable)."),
+    ] = None,
+    image: Annotated[str | None, typer.Option("--image", help="Image NAME:TAG.")] = None,
+    gpu_image: Annotated[str | None, typer.Option("--gpu-image", help="GPU image.")] = None,
+    namespace: Annotated[
+        str | None, typer.Option("--namespace", help="Kubeflow profile namespace.")
+    ] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Upload the pipeline as a new version and start a run (token from $KFP_TOKEN if set)."""
+    from unifl.orchestration.submit import SubmitError, parse_arguments, submit_pipeline
+
+    config = load(params, preset, set_)
+    try:
+        submitted = submit_pipeline(
+            config,
+            host,
+            pipeline,
+            experiment=experiment,
+            run_name=run_name,
+            arguments=parse_arguments(arg or []),
+            image=image,
+            gpu_image=gpu_image,
+            namespace=namespace,
+        )
+    except (ConfigError, SubmitError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"started run {submitted.run_id}: {submitted.url}")
+
+
+@stage_app.command("toy-world")
+def stage_toy_world(
+    out: Annotated[Path, typer.Option("--out", help="Output: base/, segmenter/, data/.")],
+    params: ParamsOpt = Path("params.yaml"),
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """The toy world as one directory (from the bootstrap cache, trained if missing)."""
+    from unifl.orchestration.stage_entry import toy_world_stage
+
+    metrics = toy_world_stage(load(params, preset, set_), out)
+    for key, value in sorted(metrics.items()):
+        typer.echo(f"{key}: {value:.4f}")
+    typer.echo(f"wrote {out}")
+
+
 BaseOpt = Annotated[
     str, typer.Option("--base", help="Base model: diffusers directory, hub id or toy preset.")
 ]
