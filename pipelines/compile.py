@@ -43,16 +43,35 @@ def compile_pipeline(
 
 
 def _comment_out_header(text: str) -> str:
-    """Keep KFP's leading comment block a comment.
+    """Replace KFP's leading comment block by a stable, valid one.
 
-    KFP lists the inputs with their defaults above the YAML, one per line; a multi-line
-    default (`params_yaml`) spills out of the comment and makes the file invalid YAML. The
-    header ends where the pipeline spec starts (`components:`).
+    KFP lists the inputs with their defaults above the YAML, one per line: a multi-line
+    default (`params_yaml`) spills out of the comment and makes the file invalid YAML, and
+    mapping defaults come out in hash order, which would make the staleness check flaky.
+    The same information is written here with every default as one line of sorted JSON.
     """
+    import json
+
+    import yaml
+
     lines = text.split("\n")
     end = next(index for index, line in enumerate(lines) if line.startswith("components:"))
-    header = [line if line.startswith("#") else f"#        {line}" for line in lines[:end]]
-    return "\n".join(header + lines[end:])
+    body = "\n".join(lines[end:])
+    spec = next(yaml.safe_load_all(body))
+    header = ["# PIPELINE DEFINITION", f"# Name: {spec['pipelineInfo']['name']}"]
+    description = spec["pipelineInfo"].get("description")
+    if description:
+        header.append(f"# Description: {' '.join(description.split())}")
+    parameters = spec["root"].get("inputDefinitions", {}).get("parameters", {})
+    if parameters:
+        header.append("# Inputs:")
+    for name in sorted(parameters):
+        definition = parameters[name]
+        line = f"#    {name}: {definition['parameterType']}"
+        if "defaultValue" in definition:
+            line += f" [Default: {json.dumps(definition['defaultValue'], sort_keys=True)}]"
+        header.append(line)
+    return "\n".join(header) + "\n" + body
 
 
 def compile_pipelines(
