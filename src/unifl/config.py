@@ -64,10 +64,10 @@ class BootstrapConfig(Section):
     cache_dir: str = Field(
         ".cache/unifl/toy", description="Bootstrap outputs are cached here by config hash."
     )
-    vae_steps: int = Field(1500, ge=0, description="Training steps of the toy VAE.")
-    unet_steps: int = Field(4000, ge=0, description="Training steps of the toy UNet.")
-    segmenter_steps: int = Field(800, ge=0, description="Training steps of the toy segmenter.")
-    batch_size: int = Field(64, ge=1, description="Batch size of every bootstrap trainer.")
+    vae_steps: int = Field(600, ge=0, description="Training steps of the toy VAE.")
+    unet_steps: int = Field(3000, ge=0, description="Training steps of the toy UNet.")
+    segmenter_steps: int = Field(400, ge=0, description="Training steps of the toy segmenter.")
+    batch_size: int = Field(32, ge=1, description="Batch size of every bootstrap trainer.")
     learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate of the bootstrap.")
     vae_kl_weight: float = Field(
         1e-3, ge=0, description="Weight of the toy VAE's KL term (per latent element)."

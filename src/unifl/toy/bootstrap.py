@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -407,7 +408,7 @@ def _save_sample_grid(images: torch.Tensor, captions: list[str], path: Path) -> 
         axis.axis("off")
     for axis, picture, caption in zip(axes.flat, to_pil(images), captions, strict=False):
         axis.imshow(picture)
-        axis.set_title(caption, fontsize=6, wrap=True)
+        axis.set_title(textwrap.fill(caption, 32), fontsize=6)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
