@@ -838,6 +838,45 @@ class FeedbackTrainer:
         finally:
             bar.close()
 
+    def train_step(self, step: int) -> dict[str, float]:
+        """Optimisation step `step` (0-based): its micro-batches, backward, clip, update, EMA.
+
+        Returns the step's log row (means over micro-batches, grad norms, learning
+        rates, seconds). `train()` adds history, callback and checkpoints around it.
+        """
+        self._prepare()
+        number = step + 1
+        clock = time.perf_counter()
+        accumulation = self.config.gradient_accumulation_steps
+        rows = []
+        for micro in range(accumulation):
+            micro_batch = step * accumulation + micro
+            batch = self.batch(micro_batch)
+            generator = self.generator_for(micro_batch)
+            with self.accelerator.accumulate(*[group.prepared for group in self.groups]):
+                with self.accelerator.autocast():
+                    output = self.compute_loss(batch, generator)
+                logs = {"loss": float(output.loss.detach()), **output.logs}
+                self._check_finite(output.loss, number, "the loss", logs)
+                self.accelerator.backward(output.loss)
+                if self.accelerator.sync_gradients:
+                    logs.update(self._clip(number, logs))
+                for group in self.groups:
+                    group.optimizer.step()
+                if self.accelerator.sync_gradients:
+                    for group in self.groups:
+                        group.scheduler.step()
+                for group in self.groups:
+                    group.optimizer.zero_grad(set_to_none=True)
+            rows.append(logs)
+        if self.ema is not None:
+            self.ema.update(self._trainable_of_unet())
+        row = {"step": number, **mean_rows(rows)}
+        for group in self.groups:
+            row[f"lr_{group.name}"] = float(group.scheduler.get_last_lr()[0])
+        row["seconds"] = time.perf_counter() - clock
+        return row
+
     def train(self) -> TrainingSummary:
         """Run (or resume) the optimisation steps; checkpoints on the way and at the end."""
         from accelerate.utils import set_seed
@@ -845,38 +884,10 @@ class FeedbackTrainer:
         self._prepare()
         set_seed(derive_seed(self.seed, self.process_index, 0x5EED) % (2**32))
         start = self.resume()
-        accumulation = self.config.gradient_accumulation_steps
         clock = time.perf_counter()
         for step in self._iterate_steps(start):
             number = step + 1
-            step_clock = time.perf_counter()
-            rows = []
-            for micro in range(accumulation):
-                micro_batch = step * accumulation + micro
-                batch = self.batch(micro_batch)
-                generator = self.generator_for(micro_batch)
-                with self.accelerator.accumulate(*[group.prepared for group in self.groups]):
-                    with self.accelerator.autocast():
-                        output = self.compute_loss(batch, generator)
-                    logs = {"loss": float(output.loss.detach()), **output.logs}
-                    self._check_finite(output.loss, number, "the loss", logs)
-                    self.accelerator.backward(output.loss)
-                    if self.accelerator.sync_gradients:
-                        logs.update(self._clip(number, logs))
-                    for group in self.groups:
-                        group.optimizer.step()
-                    if self.accelerator.sync_gradients:
-                        for group in self.groups:
-                            group.scheduler.step()
-                    for group in self.groups:
-                        group.optimizer.zero_grad(set_to_none=True)
-                rows.append(logs)
-            if self.ema is not None:
-                self.ema.update(self._trainable_of_unet())
-            row = {"step": number, **mean_rows(rows)}
-            for group in self.groups:
-                row[f"lr_{group.name}"] = float(group.scheduler.get_last_lr()[0])
-            row["seconds"] = time.perf_counter() - step_clock
+            row = self.train_step(step)
             self.history.append(row)
             if self.metrics_callback is not None and self.accelerator.is_main_process:
                 self.metrics_callback(number, dict(row))
