@@ -89,7 +89,7 @@ def test_pefl_runs_one_step(inputs, tmp_path):
         metrics
     )
     assert result.lora_dir == tmp_path / "pefl" / "lora"
-    assert 0 <= metrics["final_t"] <= 1
+    assert 0 <= result.history[0]["t"] <= 1 and "final_t" not in metrics
 
 
 def test_decoupled_runs_one_step(inputs, tmp_path):
@@ -124,7 +124,7 @@ def test_adversarial_runs_one_step_and_samples_in_four_trailing_steps(inputs, tm
     metrics = check_common_outputs(result.out_dir, "adversarial", family)
     assert {"final_d_loss", "final_g_loss", "final_d_accuracy"} <= set(metrics)
     assert {"reward_detail_4steps", "reward_detail_5steps", "discriminator_4steps"} <= set(metrics)
-    assert metrics["final_timestep"] in (999, 799, 599, 399)  # trailing 5-step timesteps, t <= 3
+    assert result.history[0]["timestep"] in (999, 799, 599, 399)  # trailing 5 steps, t <= 3
     discriminator = DecoupledRewardModel.load(result.discriminator_dir)
     assert discriminator.dimensions == ("detail",)
     tuned = load_base_model(result.model_dir)

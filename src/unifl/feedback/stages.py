@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 
 SUMMARY_WINDOW = 10
 """Final metrics are means over this many last steps (one step's loss is noisy)."""
+SUMMARY_SKIPPED = ("step", "seconds", "t", "timestep")
+"""History columns without a meaningful mean (counters, timings, random draws)."""
 
 
 @dataclass
@@ -110,7 +112,7 @@ def summarise(
     """Means of every logged number over the last `window` steps, as `final_<name>`."""
     tail = list(history)[-window:]
     metrics: dict[str, float] = {}
-    keys = [key for key in (tail[0] if tail else {}) if key not in ("step", "seconds")]
+    keys = [key for key in (tail[0] if tail else {}) if key not in SUMMARY_SKIPPED]
     for key in keys:
         values = [float(row[key]) for row in tail if key in row and math.isfinite(float(row[key]))]
         if values:
