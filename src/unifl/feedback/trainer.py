@@ -18,11 +18,24 @@ generator)` (its objective). Everything else is here, written once:
   (`cast_training_params`); the VAE stays fp32 when `project.vae_fp32`, and its
   decode then runs outside autocast (SDXL's VAE overflows in fp16).
 * **Randomness.** Every random draw of micro-batch `m` (noise, gradient step,
-  MSE timesteps) comes from a CPU generator seeded with `(seed, process, m)`,
-  and the data order is a function of `(seed, m)` too (`DataStream`). A
-  resumed run therefore draws exactly what the uninterrupted run drew, with no
-  generator state to carry; accelerate also restores the global RNGs (for
-  anything inside the models that draws from them).
+  MSE timesteps) comes from a CPU generator seeded with `(seed, m)`, and the
+  data order is a function of `(seed, m)` too (`DataStream`). A resumed run
+  therefore draws exactly what the uninterrupted run drew, with no generator
+  state to carry; accelerate also restores the global RNGs (for anything
+  inside the models that draws from them).
+* **Several processes (DDP).** The global micro-batch is `trainer.batch_size`
+  times the number of processes (times `gradient_accumulation_steps` per
+  step), and P processes with batch size B compute the update that one
+  process computes with batch size B * P. Three rules make that exact: every
+  process seeds the generator of micro-batch `m` identically, so draws that
+  must agree (the gradient step `t`) agree without communication; per-sample
+  draws (`randn`, the MSE timesteps) are drawn for the whole global
+  micro-batch and each process keeps its own rows (`local_rows`), the rows of
+  the items `DataStream` gives it; and every loss is a mean over the
+  micro-batch, so DDP's average of the processes' gradients is the gradient
+  of the global mean. Logged numbers are averaged over the processes, and at
+  every checkpoint the processes compare digests of their trainable
+  parameters (recorded in `trainer_state.json`) and stop on a mismatch.
 * **Checkpoints.** Every `trainer.checkpoint_every` steps and at the end,
   `accelerator.save_state` writes the trainable parameters (only those: a LoRA
   checkpoint is the adapter, not a copy of the UNet), optimizer, LR schedule,
@@ -171,6 +184,18 @@ class DataStream:
         start = (micro_batch * self.num_processes + self.process_index) * self.batch_size
         positions = range(start, start + self.batch_size)
         return [int(self._permutation(q // self.num_items)[q % self.num_items]) for q in positions]
+
+
+def parameter_digest(parameters: Mapping[str, Tensor]) -> str:
+    """SHA-256 of parameters' names, dtypes, shapes and exact bytes (bitwise identity)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(parameters):
+        value = parameters[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- EMA
@@ -462,12 +487,17 @@ class FeedbackTrainer:
 
         device = resolve_device(self.params.project.device)
         mixed_precision = self.params.project.mixed_precision if device.type != "cpu" else "no"
+        from accelerate.utils import DistributedDataParallelKwargs
+
         return Accelerator(
             mixed_precision=mixed_precision,
             gradient_accumulation_steps=self.config.gradient_accumulation_steps,
             cpu=device.type == "cpu",
             # The LR schedule counts optimisation steps whatever the number of processes.
             step_scheduler_with_optimizer=False,
+            # A trainable module may hold parameters its loss never reaches (CLIP's logit_scale
+            # in the discriminator); DDP would otherwise fail on the second step.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
 
     def _place_model(self, model: BaseModel, learning_rate: float) -> None:
@@ -598,13 +628,41 @@ class FeedbackTrainer:
 
     # ------------------------------------------------------------- helpers for stages
     def generator_for(self, micro_batch: int) -> torch.Generator:
-        """The CPU generator of micro-batch `micro_batch` on this process."""
-        seed = derive_seed(self.seed, self.process_index, micro_batch)
+        """The CPU generator of micro-batch `micro_batch`, seeded alike on every process.
+
+        Draws for the whole micro-batch (the gradient step) are thus the same on
+        every process; per-sample draws go through `randn` / `local_rows`. The
+        0 in the seed keeps the numbers that single-process runs have always drawn.
+        """
+        seed = derive_seed(self.seed, 0, micro_batch)
         return torch.Generator().manual_seed(seed)
 
+    def local_rows(self, global_draw: Tensor) -> Tensor:
+        """This process's rows of a per-sample draw made for the whole global micro-batch.
+
+        Process `p` of `P` holds stream positions `p*B .. (p+1)*B - 1` of the global
+        micro-batch (`DataStream`), so it keeps those rows: P processes with batch B
+        see the same per-sample numbers as one process with batch B * P.
+        """
+        processes = self.accelerator.num_processes
+        if global_draw.shape[0] % processes:
+            raise ValueError(
+                f"a global draw of {global_draw.shape[0]} rows does not split over {processes} "
+                "processes"
+            )
+        rows = global_draw.shape[0] // processes
+        return global_draw[self.process_index * rows : (self.process_index + 1) * rows]
+
     def randn(self, shape: Sequence[int], generator: torch.Generator) -> Tensor:
-        """Standard normal noise drawn on the CPU (same numbers on any device), fp32 on the device."""
-        return torch.randn(tuple(shape), generator=generator).to(self.device)
+        """Per-sample standard normal noise for this process's `shape[0]` samples, fp32 on the device.
+
+        Drawn on the CPU (same numbers on any device) for the whole global micro-batch
+        (`shape[0]` times the number of processes); this process keeps its rows.
+        """
+        shape = tuple(shape)
+        processes = self.accelerator.num_processes
+        noise = torch.randn((shape[0] * processes, *shape[1:]), generator=generator)
+        return self.local_rows(noise).to(self.device)
 
     def latent_shape(self, batch_size: int) -> tuple[int, int, int, int]:
         size = self.model.latent_size
@@ -667,7 +725,10 @@ class FeedbackTrainer:
         """The pre-training loss on real latents at uniform random training timesteps."""
         count = latents.shape[0]
         limit = int(self.model.scheduler.config.num_train_timesteps)
-        timesteps = torch.randint(0, limit, (count,), generator=generator)
+        processes = self.accelerator.num_processes
+        timesteps = self.local_rows(
+            torch.randint(0, limit, (count * processes,), generator=generator)
+        )
         noise = self.randn(latents.shape, generator)
         alphas = self.model.scheduler.alphas_cumprod[timesteps].to(self.device, torch.float32)
         alphas = alphas.view(-1, 1, 1, 1)
@@ -720,12 +781,40 @@ class FeedbackTrainer:
                     parameter.copy_(value.to(parameter.device, parameter.dtype))
         models.clear()
 
+    def process_digests(self) -> list[str]:
+        """`parameter_digest` of the trainable parameters on every process, in process order.
+
+        Data-parallel replicas apply the same all-reduced gradients, so the
+        digests are equal; a difference means the processes diverged. Empty under
+        FSDP, where each process holds only a shard.
+        """
+        from accelerate.utils import DistributedType, gather_object
+
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            return []
+        named = {
+            f"{group.name}.{name}": parameter
+            for group in self.groups
+            for name, parameter in group.named_trainable().items()
+        }
+        digest = parameter_digest(named)
+        if self.accelerator.num_processes == 1:
+            return [digest]
+        return [str(item) for item in gather_object([digest])]
+
     def save_checkpoint(self, step: int) -> Path:
         """Write a resumable checkpoint of step `step`, whole or not at all; prune old ones."""
         root = self.out_dir / CHECKPOINTS_DIR
         final = root / f"step-{step:08d}"
         tmp = root / f".step-{step:08d}.tmp"
         accelerator = self.accelerator
+        digests = self.process_digests()
+        if len(set(digests)) > 1:
+            raise TrainingError(
+                f"{self.stage_name}: step {step}: the processes' trainable parameters differ "
+                f"(digests by process: {[d[:12] for d in digests]}); the data-parallel replicas "
+                "diverged, so no checkpoint of this step was written"
+            )
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -740,6 +829,7 @@ class FeedbackTrainer:
                     "fingerprint": self.fingerprint(),
                     "history": [_json_safe(row) for row in self.history],
                     "num_processes": accelerator.num_processes,
+                    "process_digests": digests,
                 },
             )
             if final.exists():
@@ -871,7 +961,7 @@ class FeedbackTrainer:
             rows.append(logs)
         if self.ema is not None:
             self.ema.update(self._trainable_of_unet())
-        row = {"step": number, **mean_rows(rows)}
+        row = {"step": number, **self._mean_over_processes(mean_rows(rows))}
         for group in self.groups:
             row[f"lr_{group.name}"] = float(group.scheduler.get_last_lr()[0])
         row["seconds"] = time.perf_counter() - clock
@@ -902,6 +992,18 @@ class FeedbackTrainer:
             seconds=seconds,
             steps_per_second=done / seconds if done and seconds > 0 else 0.0,
         )
+
+    def _mean_over_processes(self, row: dict[str, float]) -> dict[str, float]:
+        """The log row averaged over the processes: the global micro-batch's means.
+
+        Each process logs means over its own equal share of the micro-batch, so
+        their average is what one process with the whole batch would log.
+        """
+        if self.accelerator.num_processes == 1 or not row:
+            return row
+        values = torch.tensor([float(v) for v in row.values()], dtype=torch.float64)
+        values = self.accelerator.reduce(values.to(self.device), reduction="mean")
+        return dict(zip(row, values.cpu().tolist(), strict=True))
 
     def _clip(self, step: int, logs: Mapping[str, float]) -> dict[str, float]:
         norms = {}
