@@ -92,19 +92,21 @@ def test_pefl_runs_one_step(inputs, tmp_path):
     assert 0 <= result.history[0]["t"] <= 1 and "final_t" not in metrics
 
 
-def test_decoupled_runs_one_step(inputs, tmp_path):
+def test_decoupled_runs_one_step_with_the_mse_regulariser(inputs, tmp_path):
     family = load_base_model(inputs / "base").family
     result = run_decoupled(
-        params(),
+        params("trainer.mse_weight=0.5"),
         inputs / "base",
-        inputs / "data",
+        inputs / "data",  # its captions are the prompts; its images feed the regulariser
         inputs / "reward",
         tmp_path / "dec",
+        data=inputs / "data",
         progress=False,
     )
     metrics = check_common_outputs(result.out_dir, "decoupled", family)
     assert metrics["final_hinge_color"] > 0  # alpha 1.0 is above the random rewards
-    assert metrics["final_loss"] == pytest.approx(metrics["final_aes"])
+    assert metrics["final_mse"] > 0
+    assert metrics["final_loss"] == pytest.approx(metrics["final_aes"] + 0.5 * metrics["final_mse"])
     assert (
         json.loads((tmp_path / "dec" / "stage.json").read_text())["config"]["decoupled"]["max_step"]
         == 1
@@ -161,3 +163,31 @@ def test_cli_stage_decoupled_resumes_and_names_bad_inputs(tmp_path):
     bad = runner.invoke(app, [*command, "--set", "decoupled.weights={sharpness: 1.0}"])
     assert bad.exit_code == 2
     assert "sharpness" in bad.output
+
+
+def test_stage_settings_that_cannot_work_are_named(inputs, tmp_path):
+    from unifl.feedback.adversarial import AdversarialTrainer
+    from unifl.feedback.decoupled import DecoupledTrainer
+    from unifl.feedback.pefl import PeflTrainer
+
+    model = load_base_model(inputs / "base")
+    reward = build_toy_reward_model()
+    images = [{"image": torch.zeros(3, 32, 32), "caption": "a red circle"}]
+    with pytest.raises(ValueError, match=r"pefl.max_step \(3\) must not exceed pefl.start_step"):
+        PeflTrainer(model, images, None, params("pefl.max_step=3"), tmp_path)
+    with pytest.raises(ValueError, match=r"pefl.start_step \(7\) must be below"):
+        PeflTrainer(model, images, None, params("pefl.start_step=7"), tmp_path)
+    with pytest.raises(ValueError, match="images are 32x32 px but the model makes 64x64"):
+        PeflTrainer(build_toy_model("toy-sd15", resolution=64), images, None, params(), tmp_path)
+    with pytest.raises(ValueError, match=r"decoupled.max_step \(5\) must be below"):
+        DecoupledTrainer(model, reward, ["a"], params("decoupled.max_step=5"), tmp_path)
+    with pytest.raises(ValueError, match="trainer.mse_weight > 0 needs real images"):
+        DecoupledTrainer(model, reward, ["a"], params("trainer.mse_weight=0.1"), tmp_path)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        DecoupledTrainer(model, reward, [], params(), tmp_path)
+    with pytest.raises(ValueError, match=r"adversarial.max_step \(4\) must not exceed"):
+        AdversarialTrainer(model, images, reward, params("adversarial.max_step=4"), tmp_path)
+    with pytest.raises(ValueError, match="no such head"):
+        AdversarialTrainer(
+            model, images, reward, params("adversarial.discriminator_dimension=sharpness"), tmp_path
+        )
