@@ -820,6 +820,9 @@ class FeedbackTrainer:
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
+        # Every process writes its own RNG state into `tmp`: none may still be writing when the
+        # main process renames the directory.
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             write_json(
                 tmp / TRAINER_STATE_FILE,
