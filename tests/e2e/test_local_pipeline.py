@@ -1,0 +1,129 @@
+"""unifl-full end to end with kfp.local on the `ci` preset, and what stops a run before it starts.
+
+The pipeline runs as on Kubeflow minus Kubernetes: every step is a subprocess running the
+component's function, MLflow is a SQLite file, the checkpoint volume a directory.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from unifl.config import ConfigError, load_params
+from unifl.orchestration.local import run_local
+from unifl.tracking.runs import TrackingError
+
+REPO = Path(__file__).resolve().parents[2]
+# See tests/unit/test_components.py: the ci text encoder makes every toy caption a near twin.
+CURATE_OVERRIDES = ["curate.near_duplicate_threshold=1.0", "curate.tau2=1.0"]
+STAGES = {
+    "curate",
+    "validate-prompts",
+    "pairs",
+    "labeling",
+    "validate-labels",
+    "reward",
+    "pefl",
+    "decoupled",
+    "adversarial",
+    "evaluate",
+}
+
+
+def ci_params(*overrides: str):
+    return load_params(
+        REPO / "params.yaml",
+        preset="ci",
+        overrides=[
+            *CURATE_OVERRIDES,
+            f"bootstrap.cache_dir={REPO / '.cache' / 'unifl' / 'toy'}",
+            *overrides,
+        ],
+    )
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_unifl_full_runs_locally_and_promotes_its_model(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    out = tmp_path / "local"
+    summary = run_local(ci_params(), "full", out_dir=out, progress=False)
+    client = MlflowClient(tracking_uri=summary.tracking_uri, registry_uri=summary.tracking_uri)
+    assert summary.tracking_uri == f"sqlite:///{out / 'mlflow.db'}"
+
+    # The tuned model: registered, judged by its evaluation run, promoted to staging.
+    version = client.get_model_version("unifl-sd", "1")
+    assert version.aliases == ["challenger"]
+    tags = version.tags
+    assert tags["unifl.stage"] == "staging"
+    assert tags["unifl.pipeline_run_id"] == summary.pipeline_run_id
+    assert tags["unifl.gate.staging.verdict"] == "pass"
+    for data in ("prompts", "pairs", "labels"):
+        assert tags[f"unifl.lineage.dvc.{data}"].endswith(".dir")
+    evaluation = client.get_run(tags["unifl.evaluation_run_id"])
+    for metric in ("caption_match_20steps", "caption_match_4steps", "reward_color_20steps"):
+        assert metric in evaluation.data.metrics
+    assert 0.0 <= evaluation.data.metrics["caption_match_4steps"] <= 1.0
+    reward = client.get_model_version("unifl-reward", "1")
+    assert reward.aliases == ["candidate"]
+
+    # One parent run per pipeline run, finished, with a nested run per stage.
+    parent_id = evaluation.data.tags["mlflow.parentRunId"]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["unifl.pipeline_run_id"] == summary.pipeline_run_id
+    assert parent.data.tags["unifl.promotion.decision"] == "promoted"
+    nested = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'"
+    )
+    assert {run.data.tags["unifl.stage_name"] for run in nested} == STAGES
+    assert all(run.info.status == "FINISHED" for run in nested)
+    pefl = next(run for run in nested if run.data.tags["unifl.stage_name"] == "pefl")
+    assert len(client.get_metric_history(pefl.info.run_id, "loss")) == 2
+
+    # What `unifl run` prints, and the files it points at.
+    text = summary.text()
+    assert "caption_match" in text and "promoted to staging" in text
+    assert f"mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}" in text
+    assert (summary.evaluation_dir / "report.html").is_file()
+    assert (summary.outputs["tuned model"] / "model" / "model_index.json").is_file()
+    assert summary.decision["promoted"] is True and summary.decision["version"] == "1"
+    checkpoints = out / "checkpoints" / summary.pipeline_run_id
+    assert {path.name for path in checkpoints.iterdir()} == {"pefl", "decoupled", "adversarial"}
+
+
+def test_a_missing_input_file_stops_the_run_before_any_step(tmp_path: Path) -> None:
+    out = tmp_path / "local"
+    with pytest.raises(ConfigError, match=r"'labels_export': .*nowhere.json not found"):
+        run_local(ci_params(), "full", out_dir=out, labels_export=str(tmp_path / "nowhere.json"))
+    assert not (out / "pipeline_root").exists()
+
+
+def test_an_unreachable_mlflow_server_stops_the_run_with_its_uri(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    params = ci_params(f"tracking.tracking_uri={uri}", "tracking.http_timeout_s=2")
+    with pytest.raises(TrackingError, match=rf"{uri} is unreachable"):
+        run_local(params, "full", out_dir=tmp_path / "local")
+    assert not (tmp_path / "local" / "pipeline_root").exists()
+
+
+def test_unifl_run_names_an_invalid_parameter(tmp_path: Path) -> None:
+    from unifl.cli import app
+
+    result = CliRunner().invoke(
+        app,
+        ["run", "--out", str(tmp_path), "--params", str(REPO / "params.yaml"),
+         "--set", "adversarial.steps=-2"],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "adversarial.steps" in result.output
+    assert not (tmp_path / "pipeline_root").exists()
+    result = CliRunner().invoke(app, ["run", "--pipeline", "everything", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "unknown pipeline 'everything'" in result.output
