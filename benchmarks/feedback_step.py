@@ -197,7 +197,11 @@ def _base_model(case: Case, device: Any) -> Any:
     family = case.model.split("-")[0]
     if case.tiny:
         return build_tiny_reference_model(family)
-    return _full_architecture(family, device)
+    from unifl.models.base import check_consistency
+
+    model = _full_architecture(family, device)
+    check_consistency(model)  # the configs above must fit together as the real checkpoints do
+    return model
 
 
 def _image_items(case: Case, size: int, count: int) -> list[dict[str, Any]]:
