@@ -1,0 +1,220 @@
+"""The toy table: base -> +PeFL -> +decoupled FL -> +adversarial FL in the toy world.
+
+Runs the same library functions as the pipeline, on the bootstrapped toy
+world, once for the data (curated prompts, pairs, simulated labels, reward
+model) and once per seed for the three UniFL stages, then evaluates every
+model at 20 and at 4 steps on the held-out toy captions and prints mean ± std
+over seeds of: caption-match, each oracle dimension, held-out reward per
+dimension, Fréchet distance to real toy images (toy segmenter features) and
+images per second. Below the table it checks the directions the paper
+claims, against the spread over seeds, and says for each whether it holds.
+
+    python benchmarks/toy_table.py                      # params.yaml, seeds 0 1 2
+    python benchmarks/toy_table.py --preset ci --seeds 0 1   # a quick smoke run
+
+Outputs (tables as Markdown and JSON, every stage's outputs and sample grids)
+go to `--out` (default runs/toy_table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from unifl.config import DIMENSIONS, Params, load_params
+
+MODELS = ("base", "+PeFL", "+decoupled", "+adversarial")
+STEP_COUNTS = (20, 4)
+
+
+def metric_columns() -> list[str]:
+    names = ["caption_match", *(f"oracle_{d}" for d in DIMENSIONS)]
+    names += [f"reward_{d}" for d in DIMENSIONS]
+    return [*names, "frechet", "images_per_second"]
+
+
+def with_seed(params: Params, seed: int) -> Params:
+    copy = params.model_copy(deep=True)
+    copy.project.seed = seed
+    return copy
+
+
+def build_data(params: Params, boot, out: Path) -> dict[str, Path]:
+    """Curated prompts, pairs from the base model, simulated labels and the reward model."""
+    from unifl.data.pairs import run_pairs_stage
+    from unifl.data.prompts import run_curate_stage
+    from unifl.feedback.reward_training import train_reward_stage
+    from unifl.labeling.pipeline import label_pairs
+
+    base = boot.base_model_dir
+    paths = {
+        "prompts": out / "data" / "prompts",
+        "pairs": out / "data" / "pairs",
+        "labels": out / "data" / "labels",
+        "reward": out / "data" / "reward",
+    }
+    if not (paths["reward"] / "metrics.json").is_file():
+        run_curate_stage(params, [], base, paths["prompts"])
+        run_pairs_stage(params, paths["prompts"], base, paths["pairs"])
+        label_pairs(params, paths["pairs"], paths["labels"])
+        train_reward_stage(params, paths["labels"] / "pairs.parquet", paths["pairs"], paths["reward"])
+    paths["reward"] = paths["reward"] / "model"
+    return paths
+
+
+def train_stages(params: Params, boot, data: dict[str, Path], out: Path) -> dict[str, Path]:
+    """PeFL, then decoupled FL, then adversarial FL, each on the previous model."""
+    from unifl.data.prompts import read_prompts
+    from unifl.feedback.stages import run_adversarial, run_decoupled, run_pefl
+
+    pefl = run_pefl(
+        params,
+        boot.base_model_dir,
+        boot.train_data_dir,
+        out / "pefl",
+        reward=data["reward"],
+        segmenter=boot.segmenter_dir,
+    )
+    prompts = list(read_prompts(data["prompts"])["prompt"])
+    decoupled = run_decoupled(params, pefl.model_dir, prompts, data["reward"], out / "decoupled")
+    adversarial = run_adversarial(
+        params, decoupled.model_dir, boot.train_data_dir, data["reward"], out / "adversarial"
+    )
+    return {
+        "base": boot.base_model_dir,
+        "+PeFL": pefl.model_dir,
+        "+decoupled": decoupled.model_dir,
+        "+adversarial": adversarial.model_dir,
+    }
+
+
+def evaluate(params: Params, boot, reward: Path, model_dir: Path, out: Path) -> dict[str, float]:
+    from unifl.evaluation.evaluate import run_evaluation
+
+    result = run_evaluation(
+        params,
+        model_dir,
+        boot.eval_data_dir,
+        out,
+        segmenter_dir=boot.segmenter_dir,
+        reward_dir=reward,
+        real_data_dir=boot.eval_data_dir,
+        progress=False,
+    )
+    return {k: float(v) for k, v in result.summary.items() if isinstance(v, int | float)}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def table_markdown(results: dict[str, list[dict[str, float]]], steps: int) -> str:
+    columns = metric_columns()
+    lines = [
+        f"| {steps} steps | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for model in MODELS:
+        cells = []
+        for column in columns:
+            mean, std = mean_std(
+                [run[f"{column}_{steps}steps"] for run in results[model] if f"{column}_{steps}steps" in run]
+            )
+            cells.append(f"{mean:.3f} ± {std:.3f}")
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def direction_checks(results: dict[str, list[dict[str, float]]]) -> list[str]:
+    """The paper's directions, each judged against the spread over seeds (mean diff > its std)."""
+
+    def paired(model_a: str, model_b: str, key: str) -> tuple[float, float]:
+        diffs = [b[key] - a[key] for a, b in zip(results[model_a], results[model_b], strict=True)]
+        return mean_std(diffs)
+
+    def verdict(ok: bool) -> str:
+        return "holds" if ok else "does NOT hold"
+
+    lines = []
+    mean, std = paired("base", "+PeFL", "caption_match_20steps")
+    lines.append(
+        f"PeFL raises caption-match (20 steps): {mean:+.3f} ± {std:.3f} -> {verdict(mean > std)}"
+    )
+    for dimension in DIMENSIONS:
+        key = f"oracle_{dimension}_20steps"
+        mean, std = paired("+PeFL", "+decoupled", key)
+        lines.append(
+            f"decoupled FL raises oracle {dimension} (20 steps): {mean:+.4f} ± {std:.4f} "
+            f"-> {verdict(mean > std)}"
+        )
+    before = statistics.fmean(r["frechet_20steps"] for r in results["+PeFL"])
+    after = statistics.fmean(r["frechet_20steps"] for r in results["+decoupled"])
+    lines.append(
+        f"decoupled FL keeps Fréchet distance within +10%: {before:.3f} -> {after:.3f} "
+        f"({(after / before - 1) * 100:+.1f}%) -> {verdict(after <= 1.1 * before)}"
+    )
+    for metric, better in (("frechet", -1.0), ("caption_match", 1.0)):
+        base_4 = statistics.fmean(r[f"{metric}_4steps"] for r in results["base"])
+        base_20 = statistics.fmean(r[f"{metric}_20steps"] for r in results["base"])
+        tuned_4 = statistics.fmean(r[f"{metric}_4steps"] for r in results["+adversarial"])
+        gap = (base_20 - base_4) * better
+        closed = (tuned_4 - base_4) * better / gap if gap > 0 else float("nan")
+        lines.append(
+            f"adversarial FL closes the 4-vs-20-step gap in {metric}: base 4 steps {base_4:.3f}, "
+            f"base 20 steps {base_20:.3f}, tuned 4 steps {tuned_4:.3f}: {closed * 100:.0f}% of the "
+            f"gap -> {verdict(closed >= 0.5)}"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--preset", default=None)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, default=Path("runs/toy_table"))
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from unifl.toy.bootstrap import bootstrap_toy_world
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    params = load_params(args.params, preset=args.preset, overrides=args.overrides)
+    started = time.perf_counter()
+    boot = bootstrap_toy_world(params)
+    data = build_data(params, boot, args.out)
+    results: dict[str, list[dict[str, float]]] = {model: [] for model in MODELS}
+    for seed in args.seeds:
+        seeded = with_seed(params, seed)
+        run_dir = args.out / f"seed-{seed}"
+        models = train_stages(seeded, boot, data, run_dir)
+        for model, model_dir in models.items():
+            name = model.strip("+")
+            summary = evaluate(seeded, boot, data["reward"], model_dir, run_dir / f"eval-{name}")
+            results[model].append(summary)
+
+    report = [
+        f"toy table: {len(args.seeds)} seeds ({' '.join(map(str, args.seeds))}), "
+        f"bootstrap {boot.directory}, {time.perf_counter() - started:.0f} s",
+        "",
+        *(table_markdown(results, steps) + "\n" for steps in STEP_COUNTS),
+        *direction_checks(results),
+    ]
+    text = "\n".join(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "toy_table.md").write_text(text + "\n")
+    (args.out / "toy_table.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
