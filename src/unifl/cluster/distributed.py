@@ -25,6 +25,13 @@ Two strategies, each a packaged accelerate config (`unifl/resources/accelerate/`
 adversarial stage, which always takes DDP: it trains two models (UNet and
 discriminator) and accelerate's FSDP2 shards one model per `prepare` call.
 
+Status of FSDP: the launch side (config, wrap class, the environment accelerate
+gives the processes) is tested; training under it has not been run, because
+accelerate enables FSDP only on GPUs. The trainer's export and its
+trainable-parameter checkpoint hooks read whole parameters from the module,
+which under FSDP hold shards: a sharded run needs them to gather a full state
+dict (`accelerator.get_state_dict`, on every process) first.
+
 What N processes compute: each takes `trainer.batch_size` samples of every
 micro-batch, so the global batch of an optimisation step is
 `batch_size * N * gradient_accumulation_steps`, and the update equals that of
@@ -280,10 +287,9 @@ def free_port() -> int:
 
 
 def stage_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of the launched processes: the caller's, with idle OpenMP threads that
-    sleep rather than spin (several processes share the CPU cores)."""
+    """The environment of the launched processes: `base` (default: this process's) with
+    unbuffered Python output, so that the stage's lines stream as they are printed."""
     env = dict(os.environ if base is None else base)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
