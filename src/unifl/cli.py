@@ -765,5 +765,28 @@ def stage_adversarial(
     _run_feedback_stage(lambda: run_adversarial(config, base, data, reward, out))
 
 
+@toy_app.command("data")
+def toy_data(
+    out: Annotated[Path, typer.Option(help="Directory of the data set (replaced whole).")],
+    split: Annotated[
+        str, typer.Option(help="'train' (toy.num_train, toy.seed) or 'eval' (toy.num_eval).")
+    ] = "train",
+    params: ParamsOpt = Path("params.yaml"),
+    preset: PresetOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Write a toy data set directory (PNG images and masks, JSONL annotations, manifest)."""
+    from unifl.toy.dataset import split_size_and_seed, write_toy_dataset
+
+    toy = load(params, preset, set_).toy
+    try:
+        count, seed = split_size_and_seed(toy, split)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    manifest = write_toy_dataset(out, count, seed, toy.resolution, toy.min_objects, toy.max_objects)
+    typer.echo(f"{out}: {manifest['count']} images, content hash {manifest['content_hash']}")
+
+
 if __name__ == "__main__":
     app()

@@ -304,3 +304,37 @@ def test_dataset_write_is_all_or_nothing(tmp_path, monkeypatch) -> None:
     with pytest.raises(RuntimeError, match="renderer failed"):
         write_toy_dataset(tmp_path / "toy", 5, seed=1, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_writes_a_data_set_split(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from unifl.cli import app
+
+    params = tmp_path / "params.yaml"
+    params.write_text("toy:\n  num_train: 4\n  num_eval: 3\n  seed: 40\n")
+    runner = CliRunner()
+    result = runner.invoke(
+        app,
+        [
+            "toy",
+            "data",
+            "--out",
+            str(tmp_path / "eval"),
+            "--split",
+            "eval",
+            "--params",
+            str(params),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    manifest = verify_toy_dataset(tmp_path / "eval")
+    assert manifest["count"] == 3 and manifest["seed"] == 41
+    assert manifest["content_hash"] in result.output
+    assert load_toy_arrays(tmp_path / "eval").captions == generate_toy_batch(3, seed=41).captions
+    bad = runner.invoke(
+        app,
+        ["toy", "data", "--out", str(tmp_path / "x"), "--split", "test", "--params", str(params)],
+    )
+    assert bad.exit_code == 2 and "unknown toy data split 'test'" in bad.output
+    assert not (tmp_path / "x").exists()

@@ -41,6 +41,8 @@ from unifl.toy.world import (
 )
 
 DATASET_FORMAT = "unifl-toy-dataset/1"
+EVAL_SEED_OFFSET = 1
+"""Evaluation images use seed `toy.seed + EVAL_SEED_OFFSET`, so they never repeat training images."""
 MANIFEST_NAME = "manifest.json"
 ANNOTATIONS_NAME = "annotations.jsonl"
 
@@ -178,6 +180,15 @@ def generate_toy_batch(
         captions.append(row["caption"])
         annotations.append(row)
     return ToyArrays(images, instance, semantic, captions, annotations)
+
+
+def split_size_and_seed(toy: Any, split: str) -> tuple[int, int]:
+    """(number of images, seed) of a split of the `toy` params section: 'train' or 'eval'."""
+    if split == "train":
+        return int(toy.num_train), int(toy.seed)
+    if split == "eval":
+        return int(toy.num_eval), int(toy.seed) + EVAL_SEED_OFFSET
+    raise ValueError(f"unknown toy data split {split!r}; expected 'train' or 'eval'")
 
 
 def content_hash(directory: str | Path) -> str:
