@@ -110,7 +110,7 @@ _NOISE_STD = (0.05, 0.12)
 _ORIENTATIONS = ("horizontal", "vertical", "diagonal")
 _COLOR_JITTER = 0.05
 _MAX_ATTEMPTS = 200
-_CANDIDATES = 96
+_CANDIDATES = 192
 _MAX_OFFSET = 0.7
 
 if set(_BACKGROUND_LEVELS) != set(BACKGROUNDS):
