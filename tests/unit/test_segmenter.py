@@ -84,6 +84,11 @@ def test_shapes_and_errors() -> None:
         model(torch.rand(1, 1, 32, 32))
     with pytest.raises(ValueError, match="do not match images"):
         model.loss(images, torch.zeros(3, 16, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"mask values must lie in \[0, 13\), got 0\.\.13"):
+        model.loss(
+            images,
+            torch.full((3, 32, 32), 13, dtype=torch.long).index_fill(1, torch.tensor([0]), 0),
+        )
     with pytest.raises(ValueError, match="width >= 4"):
         ToySegmenter(width=2)
 

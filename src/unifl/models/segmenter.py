@@ -163,6 +163,11 @@ class ToySegmenter(nn.Module):
                 f"semantic masks {tuple(semantic_masks.shape)} do not match images {tuple(images.shape)}"
             )
         masks = semantic_masks.long()
+        if masks.numel() and (int(masks.min()) < 0 or int(masks.max()) >= self.num_classes):
+            raise ValueError(
+                f"semantic mask values must lie in [0, {self.num_classes}), "
+                f"got {int(masks.min())}..{int(masks.max())}"
+            )
         logits, bottleneck, up0 = self._run(images)
         pixel = F.cross_entropy(logits, masks, weight=self.class_weights.to(logits.dtype))
         if self.object_weight == 0:
