@@ -3,7 +3,7 @@
 The training tests use a synthetic preference set in which one pixel property
 decides each dimension, so a reward model that works must separate held-out
 pairs: brighter wins lighting, more saturated wins color, a stronger fine
-checkerboard wins detail, an object nearer the centre wins layout. The four
+checkerboard wins detail, a horizon lower in the frame wins layout. The four
 properties are drawn independently, so each head has to read its own.
 """
 
@@ -81,7 +81,7 @@ def test_bradley_terry_loss_with_only_dropped_ties_is_zero_and_differentiable():
     )
     loss.backward()
 
-    assert float(loss) == 0.0
+    assert float(loss.detach()) == 0.0
     assert reward_w.grad.tolist() == [0.0, 0.0]
 
 
@@ -106,13 +106,13 @@ PROPERTY_RANGES = {
     "color": (0.1, 0.9),  # HSV saturation
     "lighting": (0.3, 0.8),  # HSV value
     "detail": (0.0, 0.15),  # amplitude of a 1-pixel checkerboard
-    "layout": (0.0, 1.0),  # 1 = object at the centre, 0 = 10 px away from it
+    "layout": (0.0, 1.0),  # height of the horizon: 0 = 4 px from the top, 1 = 4 px from the bottom
 }
 WORDS = ["red", "green", "blue", "yellow", "circle", "square", "triangle", "small", "large"]
 
 
-def render(properties: dict[str, float], hue: float, angle: float, size: int = 32) -> np.ndarray:
-    """A flat HSV field with a darker 8 px square and a checkerboard, as uint8 [H, W, 3]."""
+def render(properties: dict[str, float], hue: float, size: int = 32) -> np.ndarray:
+    """A flat HSV field, darker above a horizon, plus a checkerboard, as uint8 [H, W, 3]."""
     image = np.empty((size, size, 3), np.float32)
     image[:] = colorsys.hsv_to_rgb(hue, properties["color"], properties["lighting"])
     horizon = round(4 + 24 * properties["layout"])  # rows of darker "sky" above the horizon
@@ -138,7 +138,7 @@ def make_preferences(root: Path, num_prompts: int, seed: int, margin: float = 0.
         return first, second
 
     def save(name: str, properties: dict[str, float], hue: float) -> str:
-        Image.fromarray(render(properties, hue, rng.uniform(0, 2 * math.pi))).save(root / name)
+        Image.fromarray(render(properties, hue)).save(root / name)
         return name
 
     rows = []
@@ -226,7 +226,7 @@ def test_training_separates_held_out_pairs_in_every_dimension(trained: dict):
     result: RewardTrainingResult = trained["result"]
     accuracies = {dim: result.metrics[f"val/accuracy/{dim}"] for dim in DIMENSIONS}
 
-    # Measured on this set (seed 0): color 1.0, layout 0.94-1.0, detail 1.0, lighting 1.0.
+    # Measured: 1.0 in every dimension (seed 0); >= 0.97 everywhere over data/model seeds 0-4.
     assert all(value >= 0.9 for value in accuracies.values()), accuracies
     assert result.metrics["val/accuracy_mean"] >= 0.95
     # Learning happened: the untrained model is near chance and the loss fell.
@@ -327,6 +327,57 @@ def test_split_by_prompt_is_deterministic_and_disjoint():
     assert val["prompt"].nunique() == 3 and len(train) + len(val) == 40
     assert val.equals(val_again) and train.equals(train_again)
     assert set(val_other["prompt"]) != set(val["prompt"])
+
+
+def test_images_of_different_sizes_are_scored_like_single_images(tmp_path: Path):
+    """A batch mixing sizes is resized per image by the model's own preprocessing."""
+    from unifl.feedback.images import ImageStore
+    from unifl.feedback.reward_training import score_rows
+
+    generator = np.random.default_rng(3)
+    for name, side in (("small.png", 32), ("large.png", 48), ("wide.png", 40)):
+        pixels = generator.integers(0, 256, size=(side, side + (8 if name == "wide.png" else 0), 3))
+        Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / name)
+    rows = pd.DataFrame(
+        {
+            "prompt": ["a red circle", "a blue square"],
+            "image_w": ["small.png", "wide.png"],
+            "image_l": ["large.png", "small.png"],
+            "dimension": ["color", "detail"],
+        }
+    )
+    model = build_toy_reward_model(image_size=32, seed=0, head_hidden_dim=8)
+
+    with torch.no_grad():
+        reward_w, reward_l = score_rows(model, ImageStore(tmp_path), rows)
+        for index, record in enumerate(rows.itertuples()):
+            for image, reward in ((record.image_w, reward_w), (record.image_l, reward_l)):
+                alone = model(
+                    _load(tmp_path / image).unsqueeze(0),
+                    prompts=[record.prompt],
+                    dimensions=[record.dimension],
+                )[record.dimension]
+                torch.testing.assert_close(reward[index], alone[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_zero_backbone_learning_rate_trains_only_the_heads(small_set, one_thread):
+    root, pairs = small_set
+    model = build_toy_reward_model(image_size=32, seed=0, head_hidden_dim=8)
+    backbone_before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    heads_before = {k: v.clone() for k, v in model.heads.state_dict().items()}
+
+    train_reward_model(
+        pairs, root, model, RewardConfig(epochs=1, backbone_learning_rate=0.0), progress=False
+    )
+
+    for name, value in model.backbone.state_dict().items():
+        torch.testing.assert_close(value, backbone_before[name], rtol=0, atol=0)
+    changed = [
+        name
+        for name, value in model.heads.state_dict().items()
+        if not torch.equal(value, heads_before[name])
+    ]
+    assert len(changed) == len(heads_before)
 
 
 # ------------------------------------------------------------------ bad input
