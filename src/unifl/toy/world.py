@@ -13,7 +13,10 @@ Scene rules (which every caption can rely on):
 * 1 to 3 objects; each a shape from `SHAPES` in a colour from `COLORS`, and no
   two objects of a scene share the same (shape, colour) pair, so a semantic
   mask identifies every object (the layout oracle and caption-match rely on it).
-* Objects lie inside the frame and their bounding boxes do not overlap.
+* Objects lie inside the frame (`FRAME_BORDER`) and their bounding boxes are
+  at least `OBJECT_GAP` apart, so their masks never touch.
+* Shapes are axis-aligned: circles, squares, and equilateral triangles with
+  a flat base pointing up.
 * The size word is a fact: "small" and "large" objects have radii in
   `SIZE_RANGES["small"]` / `["large"]`; an object without a size word is medium.
 * Objects 1.. are related to object 0 (the caption's subject) by a word of
