@@ -337,6 +337,7 @@ def train_reward_model(
     generator = np.random.default_rng(seed)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     history: list[dict[str, float]] = []
+    val_metrics: dict[str, float] = {}
     step = 0
     started = time.perf_counter()
     model.train()
@@ -405,7 +406,7 @@ def train_reward_model(
     model.eval()
     train_seconds = time.perf_counter() - started
 
-    val_metrics, _ = evaluate_pairs(model, store, val, config.batch_size, config.tie_rule)
+    # `val_metrics` of the last epoch describe the final weights: calibrate from them.
     calibrated = {dim: val_metrics[f"alpha/{dim}"] for dim in model.dimensions}
     model.set_alphas({**calibrated, **config.alpha_override})
     metrics: dict[str, float] = {
