@@ -28,8 +28,10 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
+# The main job: the whole pipeline on the toy world with kfp.local, MLflow in runs/local
+# (e.g. `make run RUN_ARGS="--preset ci"` for the tiny configuration of the tests).
 run: $(STAMP)
-	$(BIN)/unifl toy bootstrap
+	$(BIN)/unifl run $(RUN_ARGS)
 
 test: $(STAMP)
 	$(BIN)/ruff check .

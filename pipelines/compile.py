@@ -25,9 +25,9 @@ def compile_pipeline(
 ) -> Path:
     """Compile pipeline `name` (full, collect, train) to `package_path` (written whole)."""
     from kfp import compiler
-    from unifl.pipelines.unifl_pipelines import build_pipeline
 
     from unifl.io import atomic_path
+    from unifl.pipelines.unifl_pipelines import build_pipeline
 
     pipeline = build_pipeline(name, params, image=image, gpu_image=gpu_image)
     target = Path(package_path)

@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from kfp import dsl, kubernetes
-from unifl.components import build_components, default_image
 
+from unifl.components import build_components, default_image, gpu_image_for
 from unifl.config import Params
 from unifl.orchestration.parameters import (
     PARAMETERS_BY_NAME,
@@ -193,6 +193,10 @@ class _Graph:
                 backoff_duration=f"{self.placement.retry_backoff_s}s",
                 backoff_factor=2.0,
             )
+        # A multi-node stage starts its job with the step's own image (cluster.num_nodes > 1).
+        task.set_env_variable(
+            "UNIFL_IMAGE", self.placement.gpu_image or gpu_image_for(self.placement.image)
+        )
         if self.placement.mount_volumes:
             kubernetes.mount_pvc(
                 task,

@@ -114,6 +114,17 @@ def test_an_unreachable_mlflow_server_stops_the_run_with_its_uri(tmp_path: Path)
     assert not (tmp_path / "local" / "pipeline_root").exists()
 
 
+def test_collect_without_label_studio_is_refused_before_any_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
+    with pytest.raises(ConfigError, match=r"'label_studio_url': the collect pipeline"):
+        run_local(ci_params(), "collect", out_dir=tmp_path / "local")
+    with pytest.raises(ConfigError, match=r"'pairs_uri' is required by the train pipeline"):
+        run_local(ci_params(), "train", out_dir=tmp_path / "local")
+    assert not (tmp_path / "local" / "pipeline_root").exists()
+
+
 def test_unifl_run_names_an_invalid_parameter(tmp_path: Path) -> None:
     from unifl.cli import app
 

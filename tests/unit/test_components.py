@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
 import pytest
 import yaml
 from kfp import dsl
-from unifl.components import build_components
 
+from unifl.components import build_components
 from unifl.config import ConfigError, Params, load_params, params_to_yaml
 from unifl.orchestration.parameters import DATA_SECTIONS
 
@@ -531,3 +532,108 @@ def test_finish_tracking_closes_the_parent_run(ws, resolved, promotion) -> None:
     )
     assert closed == "FINISHED"
     assert ws.client().get_run(resolved.parent_run_id).info.status == "FINISHED"
+
+
+def run_stage_command(args: list[str]) -> None:
+    """Runs `unifl stage <args>` in this process: what the launched processes would run."""
+    from typer.testing import CliRunner
+
+    from unifl.cli import app
+
+    result = CliRunner().invoke(app, ["stage", *args])
+    assert result.exit_code == 0, result.output
+
+
+def test_pefl_on_several_gpus_launches_the_stage_command(
+    ws, resolved, boot, reward, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pipeline.gpu_count > 1: the step hands the stage to `accelerate launch` (replaced here
+    by the same command run in this process: this machine has no GPUs)."""
+    import unifl.cluster.distributed as distributed
+
+    launched: list[tuple[list[str], dict[str, Any]]] = []
+
+    def fake_run_stage(args: list[str], **options: Any) -> int:
+        launched.append((list(args), options))
+        run_stage_command(args)
+        return 0
+
+    monkeypatch.setattr(distributed, "run_stage", fake_run_stage)
+    params = ws.params.model_copy(deep=True)
+    params.pipeline.gpu_count = 2
+    gpus_run = resolved_for(ws, params, "gpus-run")
+    outputs = train(
+        ws,
+        gpus_run,
+        "pefl",
+        "pefl_gpus",
+        base_model=boot["base_model"],
+        train_data=boot["train_data"],
+        reward_model=reward["reward_model"],
+        segmenter=boot["segmenter"],
+    )
+    ((args, options),) = launched
+    work = ws.root / "checkpoints" / "gpus-run" / "pefl"
+    assert args[0] == "pefl" and args[args.index("--out") + 1] == str(work)
+    assert args[args.index("--params") + 1] == str(work / "stage_params.yaml")
+    assert args[args.index("--base") + 1] == boot["base_model"].path
+    assert options["num_processes"] == 2 and options["strategy"] == "auto"
+    assert outputs["model"].metadata["training_mode"] == "gpus"
+    assert (Path(outputs["model"].path) / "model" / "model_index.json").is_file()
+    run = stage_runs(ws, gpus_run.parent_run_id)["pefl"]
+    assert run.data.tags["unifl.training_mode"] == "gpus"
+    # The per-step metrics come from the stage's history once the processes are done.
+    assert [p.step for p in ws.client().get_metric_history(run.info.run_id, "loss")] == [1, 2]
+
+
+def test_pefl_on_several_nodes_runs_a_training_job_from_the_shared_volume(
+    ws, resolved, boot, reward, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cluster.num_nodes > 1: the step stages its inputs on the checkpoint volume and starts a
+    TrainJob through `unifl.cluster.launcher` (replaced here, as no Kubernetes API server
+    can run, by the job's command run in this process)."""
+    import unifl.cluster.launcher as launcher
+    import unifl.cluster.settings as settings
+
+    jobs: list[dict[str, Any]] = []
+
+    def fake_launch(stage: str, stage_args: list[str], **job: Any) -> None:
+        jobs.append({"stage": stage, "args": list(stage_args), **job})
+        run_stage_command([stage, *stage_args])
+
+    training = SimpleNamespace(namespace="ml", api="trainjob")
+    monkeypatch.setattr(launcher, "launch_training_stage", fake_launch)
+    monkeypatch.setattr(
+        settings, "load_cluster_settings", lambda needs: SimpleNamespace(training=training)
+    )
+    monkeypatch.setenv("UNIFL_IMAGE", "registry.example/unifl:1.0-cuda")
+    params = ws.params.model_copy(deep=True)
+    params.cluster.num_nodes = 2
+    outputs = train(
+        ws,
+        resolved_for(ws, params, "nodes-run"),
+        "pefl",
+        "pefl_nodes",
+        base_model=boot["base_model"],
+        train_data=boot["train_data"],
+        reward_model=reward["reward_model"],
+        segmenter=boot["segmenter"],
+    )
+    (job,) = jobs
+    work = ws.root / "checkpoints" / "nodes-run" / "pefl"
+    assert job["stage"] == "pefl" and job["run_id"] == "nodes-run"
+    assert job["image"] == "registry.example/unifl:1.0-cuda" and job["settings"] is training
+    assert (job["num_nodes"], job["gpus_per_node"]) == (2, 1)
+    for name in ("base", "data", "reward", "segmenter"):
+        staged = job["args"][job["args"].index(f"--{name}") + 1]
+        assert staged.startswith(str(work / "inputs")), name  # on the shared volume
+    assert not (Path(outputs["model"].path) / "inputs").exists()
+    assert outputs["model"].metadata["training_mode"] == "nodes"
+    assert outputs["metrics"].metadata["steps"] == 2
+
+
+def resolved_for(ws: Workspace, params: Params, run_id: str) -> Any:
+    """The first step's outputs for another configuration, as a run of its own."""
+    kwargs = resolve_kwargs(ws, pipeline_run_id=run_id)
+    kwargs["params_yaml"] = params_to_yaml(params)
+    return func("resolve_config")(**kwargs)

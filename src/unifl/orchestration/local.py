@@ -288,6 +288,12 @@ def run_local(
         found_pairs, found_prompts = latest_collect_outputs(layout)
         pairs_uri, prompts_uri = pairs_uri or found_pairs, prompts_uri or found_prompts
     check_local_inputs(pipeline, prompt_source, labels_export, pairs_uri, prompts_uri)
+    if pipeline != "full" and not (params.labeling.url or os.environ.get("LABEL_STUDIO_URL")):
+        raise ConfigError(
+            f"pipeline parameter 'label_studio_url': the {pipeline} pipeline talks to Label "
+            "Studio; start one (`unifl labeling serve`) and pass --set labeling.url=URL "
+            "--set labeling.token_file=FILE"
+        )
     params_yaml = params_to_yaml(params)
     # What the first step will do, done here too: a bad value stops the run before any work.
     resolve_run_parameters(params_yaml, [], {}, label_studio_from_env=pipeline != "full")

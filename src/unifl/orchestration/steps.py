@@ -165,11 +165,6 @@ def _mlflow_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_./ -]", "_", name)
 
 
-def _copy_outputs(work: Path, out_dir: str | Path) -> None:
-    """The finished stage directory without its checkpoints, as the output artifact."""
-    copy_directory(work, out_dir, ignore=(CHECKPOINTS_DIR,))
-
-
 # ---------------------------------------------------------------------------- resolve / finish
 
 
@@ -233,6 +228,7 @@ def finish_step(
     from unifl.tracking.runs import (
         PIPELINE_RUN_ID_TAG,
         STAGE_TAG,
+        attach_run,
         connect,
         finish_pipeline_run,
         tracking_errors,
@@ -259,10 +255,11 @@ def finish_step(
         if not runs:
             return ""
         parent = runs[0].info.run_id
-        status = {"SUCCEEDED": "FINISHED", "CANCELLED": "KILLED"}.get(state.upper(), "FAILED")
-        if error_message:
-            client.set_tag(parent, "unifl.pipeline_error", error_message[:5000])
-        client.set_tag(parent, "unifl.pipeline_state", state)
+    status = {"SUCCEEDED": "FINISHED", "CANCELLED": "KILLED"}.get(state.upper(), "FAILED")
+    tags = {"unifl.pipeline_state": state}
+    if error_message:
+        tags["unifl.pipeline_error"] = error_message[:5000]
+    attach_run(params, parent).set_tags(tags)  # secret-looking values are filtered
     finish_pipeline_run(params, parent, status)
     return status
 
@@ -632,18 +629,27 @@ def _training_step(
     pipeline_run_id: str,
     parent_run_id: str,
 ) -> StepResult:
-    """Run one feedback-learning stage in its checkpoint directory; copy the result out."""
-    from unifl.orchestration.stage_entry import run_feedback_stage
+    """Run one feedback-learning stage in its checkpoint directory; copy the result out.
+
+    Where it trains (this process, this pod's GPUs, several nodes) follows
+    `pipeline.gpu_count` and `cluster.num_nodes` (`stage_entry.train_feedback_stage`).
+    """
+    from unifl.orchestration.stage_entry import INPUTS_DIR, train_feedback_stage
 
     params = as_params(params)
     work = checkpoint_dir(checkpoint_root, pipeline_run_id, stage)
     with tracked(params, stage, parent_run_id) as run:
         if run is not None:
-            run.set_tags({"unifl.checkpoint_dir": str(work)})
-        run_feedback_stage(stage, params, inputs, work, _progress_callback(run))
-        _copy_outputs(work, out_dir)
+            run.set_tags(
+                {"unifl.checkpoint_dir": str(work), **parent_lineage(params, parent_run_id)}
+            )
+        mode = train_feedback_stage(
+            stage, params, inputs, work, pipeline_run_id, _progress_callback(run)
+        )
+        copy_directory(work, out_dir, ignore=(CHECKPOINTS_DIR, INPUTS_DIR))
         metrics = _read_json_metrics(Path(out_dir) / "metrics.json")
         if run is not None:
+            run.set_tags({"unifl.training_mode": mode})
             for name in ("metrics.json", "history.csv", "history.json", "stage.json"):
                 if (Path(out_dir) / name).is_file():
                     run.log_artifact(Path(out_dir) / name, stage)
@@ -651,7 +657,7 @@ def _training_step(
                 run.log_artifact(grid, f"{stage}/samples")
     return StepResult(
         metrics=metrics,
-        metadata={"checkpoint_dir": str(work)},
+        metadata={"checkpoint_dir": str(work), "training_mode": mode},
         markdown=markdown_table(metrics, stage),
     )
 
