@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import yaml
-from unifl.pipelines.compile import COMPILED_DIR, compile_pipelines
 
 from unifl.config import ConfigError, Params, load_params
 from unifl.orchestration.parameters import (
@@ -24,6 +23,7 @@ from unifl.orchestration.parameters import (
     params_from_yaml,
     resolve_run_parameters,
 )
+from unifl.pipelines.compile import COMPILED_DIR, compile_pipelines
 
 REPO = Path(__file__).resolve().parents[2]
 PIPELINES = ("unifl-full", "unifl-collect", "unifl-train")
