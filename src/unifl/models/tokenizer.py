@@ -73,7 +73,13 @@ def build_word_tokenizer(words: list[str], max_length: int) -> PreTrainedTokeniz
     )
 
 
-def toy_tokenizer(max_length: int = 16) -> PreTrainedTokenizerFast:
+TOY_MAX_LENGTH = 24
+"""Tokens of the toy text encoders: the longest toy caption (21 words, three
+objects with sizes, two relations and a background) plus bos and eos, rounded
+up; shorter and a third of the captions would lose their ends."""
+
+
+def toy_tokenizer(max_length: int = TOY_MAX_LENGTH) -> PreTrainedTokenizerFast:
     """The tokenizer of the toy text encoders, over the toy caption vocabulary.
 
     The vocabulary is read at call time so words added to the caption grammar

@@ -62,14 +62,20 @@ from transformers import (
 
 from unifl.io import atomic_directory, write_json
 from unifl.models.base import BaseModel, model_index
-from unifl.models.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID, toy_tokenizer
+from unifl.models.tokenizer import (
+    BOS_TOKEN_ID,
+    EOS_TOKEN_ID,
+    PAD_TOKEN_ID,
+    TOY_MAX_LENGTH,
+    toy_tokenizer,
+)
 
 PRESETS: dict[str, str] = {"toy-sd15": "sd15", "toy-sdxl": "sdxl"}
 """Toy preset name -> model family."""
 
 TOY_RESOLUTIONS: tuple[int, ...] = (32, 64)
 TOY_LATENT_SIZE = 8
-TOY_TEXT_LENGTH = 16
+TOY_TEXT_LENGTH = TOY_MAX_LENGTH
 
 SD_SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,

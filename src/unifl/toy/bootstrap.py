@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 from unifl.config import Params
 from unifl.io import atomic_directory, write_json
 
-BOOTSTRAP_FORMAT = "unifl-toy-bootstrap/1"
+BOOTSTRAP_FORMAT = "unifl-toy-bootstrap/2"
+"""Bumped whenever the toy models or their training change, so stale caches are retrained."""
 MANIFEST_NAME = "manifest.json"
 
 
