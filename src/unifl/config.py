@@ -169,7 +169,10 @@ class LabelingConfig(Section):
     import_batch_size: int = Field(100, ge=1, description="Tasks per import request.")
     num_annotators: int = Field(5, ge=1, description="Simulated annotators per task (paper: 4-5).")
     annotator_noise: float = Field(
-        0.15, ge=0, description="Std of each simulated annotator's preference noise."
+        0.5,
+        ge=0,
+        description="Std of each simulated annotator's preference noise, in units of the "
+        "dimension's RMS score gap (0.5: annotators disagree on about a quarter of votes).",
     )
     min_annotators: int = Field(1, ge=1, description="Tasks with fewer annotations are dropped.")
     token_file: str | None = Field(
@@ -193,7 +196,9 @@ class LabelingConfig(Section):
     )
     presign_ttl_minutes: int = Field(60, ge=1, description="Lifetime of presigned image URLs.")
     tie_margin: float = Field(
-        0.02, ge=0, description="Simulated annotators say Tie when |score gap + noise| <= this."
+        0.1,
+        ge=0,
+        description="Simulated annotators say Tie when |score gap + noise| <= this (in RMS-gap units).",
     )
     scorer: str = Field(
         "unifl.toy.scoring:image_scorer",

@@ -109,12 +109,15 @@ def test_noise_zero_follows_the_scorer_exactly():
     }
     zeros = {d: np.zeros(4) for d in DIMENSIONS}
     panel = make_panel(3, 0.0, seed=1)
-    choices = simulate_choices(panel, gaps, zeros, margin=0.02)
+    # Gaps are compared in units of each dimension's RMS gap over the pairs:
+    # color 0.354 -> [1.41, -1.41, 0.028, -0.085]; layout 0.173 -> [1.15, 1.15, -1.15, 0];
+    # detail 0.158 -> [-0.63, 1.89, 0, 0.133]; lighting 0.515 -> [0, -1.75, -0.97, 0.097].
+    choices = simulate_choices(panel, gaps, zeros, margin=0.1)
     expected = [
         {"color": "A", "layout": "A", "detail": "B", "lighting": "Tie", OVERALL: "A"},
         {"color": "B", "layout": "A", "detail": "A", "lighting": "B", OVERALL: "Tie"},
         {"color": "Tie", "layout": "B", "detail": "Tie", "lighting": "B", OVERALL: "B"},
-        {"color": "B", "layout": "Tie", "detail": "A", "lighting": "A", OVERALL: "A"},
+        {"color": "Tie", "layout": "Tie", "detail": "A", "lighting": "Tie", OVERALL: "A"},
     ]
     for annotator_choices in choices:
         assert annotator_choices == expected
@@ -248,3 +251,20 @@ def test_cli_stage_label(tmp_path):
     assert "pairs.jsonl:1: missing fields" in result.output
     # The earlier labels are untouched by the failed run.
     assert (tmp_path / "labels" / "pairs.parquet").is_file()
+
+
+def test_noise_means_the_same_on_every_dimension_whatever_its_scale():
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(200)
+    scores_a = {d: base * (100.0 if d == "color" else 0.01) for d in DIMENSIONS}
+    zeros = {d: np.zeros(200) for d in DIMENSIONS}
+    panel = make_panel(2, 0.5, seed=3)
+    choices = simulate_choices(panel, scores_a, zeros, margin=0.1)
+    for annotator_choices in choices:
+        colour = [c["color"] for c in annotator_choices]
+        detail = [c["detail"] for c in annotator_choices]
+        lighting = [c["lighting"] for c in annotator_choices]
+        # Same gaps up to scale, so the same agreement with the scorer on each dimension.
+        truth = np.where(base > 0, "A", "B")
+        rates = [np.mean(np.array(v) == truth) for v in (colour, detail, lighting)]
+        assert min(rates) > 0.6 and max(rates) - min(rates) < 0.12

@@ -180,7 +180,10 @@ def simulate_choices(
     scores_b: Mapping[str, np.ndarray],
     margin: float,
 ) -> list[list[dict[str, str]]]:
-    """choices[k][i] = {dimension: A/B/Tie} of annotator k on pair i (overall included)."""
+    """choices[k][i] = {dimension: A/B/Tie} of annotator k on pair i (overall included).
+
+    Noise and `margin` are in units of each dimension's RMS score gap over the pairs.
+    """
     if margin < 0:
         raise AnnotatorError(f"tie margin must be >= 0, got {margin}")
     num_pairs = len(next(iter(scores_a.values()))) if scores_a else 0
@@ -195,6 +198,12 @@ def simulate_choices(
         if num_pairs
         else np.zeros((0, len(DIMENSIONS)))
     )
+    # Each dimension's scores live on their own scale (colourfulness differences
+    # are a tenth of lighting's), so gaps are measured in units of the
+    # dimension's root-mean-square gap over the batch: one noise level and one
+    # tie margin then mean the same disagreement on every dimension.
+    scale = np.sqrt(np.mean(gaps**2, axis=0)) if num_pairs else np.ones(len(DIMENSIONS))
+    gaps = gaps / np.where(scale > 0, scale, 1.0)
     panel_choices = []
     for annotator in panel:
         rng = np.random.default_rng(annotator.seed)
