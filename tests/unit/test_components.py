@@ -513,6 +513,26 @@ def test_promote_moves_the_version_to_staging(ws, resolved, promotion) -> None:
     assert parent.data.tags["unifl.promotion.decision"] == "promoted"
 
 
+def test_promote_to_production_after_staging(ws, resolved, promotion) -> None:
+    outputs = {
+        "decision": ws.out(dsl.Artifact, "decision_production"),
+        "metrics": ws.out(dsl.Metrics, "decision_production_metrics"),
+        "report": ws.out(dsl.Markdown, "decision_production.md"),
+    }
+    verdict = func("promote")(
+        params_yaml=resolved.params_yaml,
+        parent_run_id=resolved.parent_run_id,
+        model_version="1",
+        target="production",
+        **outputs,
+    )
+    assert verdict == "promoted"
+    version = ws.client().get_model_version(ws.params.tracking.registered_model, "1")
+    assert version.aliases == ["champion"] and version.tags["unifl.stage"] == "production"
+    decision = json.loads((Path(outputs["decision"].path) / "decision.json").read_text())
+    assert decision["reached"] == "production" and decision["promoted"]
+
+
 def test_finish_tracking_closes_the_parent_run(ws, resolved, promotion) -> None:
     status = dsl.PipelineTaskFinalStatus(
         state="SUCCEEDED",

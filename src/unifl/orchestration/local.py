@@ -179,6 +179,9 @@ _STARTED = re.compile(r"Executing task '?([\w-]+)'?")
 _DONE = re.compile(
     r"Task '?([\w-]+)'? (?:finished with status (\w+)|cache hit)|Skipping task ([\w-]+)"
 )
+_INNER_BAR = re.compile(r"^\s*([^|:]{1,40}):\s+(\d+)%\|[^|]*\|\s*(\d+)/(\d+)")
+"""A step's own progress bar (tqdm), e.g. `pefl:  18%|##  | 35/200 [...]`: shown beside
+the bar of the steps, since the steps' subprocess output reaches us line by line."""
 
 
 class _ProgressStream(io.TextIOBase):
@@ -207,9 +210,15 @@ class _ProgressStream(io.TextIOBase):
         self.log.flush()
 
     def _line(self, line: str) -> None:
+        inner = _INNER_BAR.match(line)
+        if inner:
+            name, _, done, total = inner.groups()
+            self.bar.set_postfix_str(f"{name.strip()} {done}/{total}", refresh=True)
+            return
         started = _STARTED.search(line)
         if started and "Streamed logs" not in line:
             key = started.group(1)
+            self.bar.set_postfix_str("", refresh=False)
             self.bar.set_description_str(self.names.get(key, key))
             return
         done = _DONE.search(line)

@@ -811,9 +811,10 @@ def promote_step(
 ) -> StepResult:
     """Run the promotion gates on the new version; promote it when they pass.
 
-    A rejected version is a normal outcome, not a failed step: the decision, its gates and
-    their inputs are recorded as version tags (by the gates), on the parent run, and in
-    `out_dir/decision.json`.
+    `target` production goes through staging first (the registry's order), each move with
+    its own gates. A rejected version is a normal outcome, not a failed step: the decision,
+    its gates and their inputs are recorded as version tags (by the gates), on the parent
+    run, and in `out_dir/decision.json`.
     """
     from unifl.io import write_json, write_text
     from unifl.tracking.promotion import promote_from_params
@@ -823,40 +824,61 @@ def promote_step(
         raise StepError("no model version to promote: the evaluate step registered none")
     if target not in ("staging", "production"):
         raise StepError(f"promotion target {target!r}: expected staging or production")
-    decision = promote_from_params(params, None, model_version, target=target)  # type: ignore[arg-type]
+    targets = ["staging"] if target == "staging" else ["staging", "production"]
+    if target == "production" and _registry_stage(params, model_version) == "staging":
+        targets = ["production"]
+    decisions = []
+    for step_target in targets:
+        decision = promote_from_params(params, None, model_version, target=step_target)  # type: ignore[arg-type]
+        decisions.append(decision)
+        if not decision.promoted:
+            break
+    final = decisions[-1]
+    promoted = final.promoted and final.target == target
+    summary = "\n".join(decision.summary() for decision in decisions)
     record = {
-        "model": decision.model_name,
-        "version": decision.version,
-        "target": decision.target,
-        "promoted": decision.promoted,
-        "gates_passed": decision.gates_passed,
-        "champion_version": decision.champion_version,
-        "replaced_version": decision.replaced_version,
-        "evaluation_run_id": decision.evaluation_run_id,
-        "summary": decision.summary(),
+        "model": final.model_name,
+        "version": final.version,
+        "target": target,
+        "reached": final.target if final.promoted else None,
+        "promoted": promoted,
+        "gates_passed": all(decision.gates_passed for decision in decisions),
+        "champion_version": final.champion_version,
+        "replaced_version": final.replaced_version,
+        "evaluation_run_id": final.evaluation_run_id,
+        "summary": summary,
     }
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     write_json(Path(out_dir) / DECISION_FILE, record)
-    write_text(Path(out_dir) / "decision.md", f"### Promotion\n\n```\n{decision.summary()}\n```\n")
+    markdown = f"### Promotion\n\n```\n{summary}\n```\n"
+    write_text(Path(out_dir) / "decision.md", markdown)
+    verdict = "promoted" if promoted else "rejected"
     if parent_run_id:
         from unifl.tracking.runs import attach_run
 
         attach_run(params, parent_run_id).set_tags(
             {
-                f"{DECISION_TAG_PREFIX}version": decision.version,
+                f"{DECISION_TAG_PREFIX}version": final.version,
                 f"{DECISION_TAG_PREFIX}target": target,
-                f"{DECISION_TAG_PREFIX}decision": "promoted" if decision.promoted else "rejected",
+                f"{DECISION_TAG_PREFIX}decision": verdict,
             }
         )
     return StepResult(
-        metrics={
-            "promoted": float(decision.promoted),
-            "gates_passed": float(decision.gates_passed),
-        },
-        metadata={"promoted": decision.promoted, "version": decision.version},
-        outputs={"decision": "promoted" if decision.promoted else "rejected"},
-        markdown=f"### Promotion\n\n```\n{decision.summary()}\n```\n",
+        metrics={"promoted": float(promoted), "gates_passed": float(record["gates_passed"])},
+        metadata={"promoted": promoted, "version": final.version},
+        outputs={"decision": verdict},
+        markdown=markdown,
     )
+
+
+def _registry_stage(params: Params, version: str) -> str:
+    """The lifecycle stage a registered version is at (candidate, staging, ...)."""
+    from unifl.tracking.registry import get_version, stage_of
+    from unifl.tracking.runs import connect, tracking_errors
+
+    client = connect(params.tracking)
+    with tracking_errors(params.tracking.tracking_uri):
+        return stage_of(get_version(client, params.tracking.registered_model, version))
 
 
 def copy_report(source: str | Path, target: str | Path) -> None:
