@@ -265,8 +265,15 @@ def test_run_parameters_set_their_keys_and_empty_ones_keep_the_configuration() -
     on_cluster = resolve_run_parameters(
         text, [], {"mlflow_tracking_uri": "", "label_studio_url": ""}, environ=cluster_env
     )
-    assert on_cluster.tracking.tracking_uri == "http://mlflow:5000"
+    assert on_cluster.tracking.tracking_uri == "http://mlflow:5000"  # replaces the SQLite file
     assert on_cluster.labeling.url is None  # full: simulated annotators unless asked
+    configured = resolve_run_parameters(
+        text,
+        ["tracking.tracking_uri=http://tracking.example:5000"],
+        {"mlflow_tracking_uri": ""},
+        environ=cluster_env,
+    )
+    assert configured.tracking.tracking_uri == "http://tracking.example:5000"
     collecting = resolve_run_parameters(
         text, [], {"label_studio_url": ""}, environ=cluster_env, label_studio_from_env=True
     )

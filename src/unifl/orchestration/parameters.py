@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from unifl.config import ConfigError, Params, load_params, params_to_yaml
+from unifl.config import ConfigError, Params, TrackingConfig, load_params, params_to_yaml
 
 PIPELINE_NAMES: tuple[str, ...] = ("full", "collect", "train")
 """`unifl run --pipeline NAME`: unifl-full, unifl-collect, unifl-train."""
@@ -43,6 +43,8 @@ DATA_SECTIONS: tuple[str, ...] = (
 so that changing a training setting does not invalidate their cache."""
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+LOCAL_TRACKING_URI = TrackingConfig.model_fields["tracking_uri"].default
+"""The default tracking URI, a SQLite file in the working directory: replaced on a cluster."""
 LABEL_STUDIO_URL_ENV = "LABEL_STUDIO_URL"
 
 
@@ -78,8 +80,8 @@ PIPELINE_PARAMETERS: tuple[PipelineParameter, ...] = (
     PipelineParameter(
         "label_studio_url",
         "labeling.url",
-        "Label Studio URL; empty: the LABEL_STUDIO_URL of the unifl-endpoints ConfigMap for "
-        "collect and train, and simulated annotators without a server for full.",
+        "Label Studio URL; when unset, collect and train use the LABEL_STUDIO_URL of the "
+        "unifl-endpoints ConfigMap, and full labels with simulated annotators and no server.",
     ),
     PipelineParameter(
         "label_studio_project", "labeling.project_title", "Label Studio project title."
@@ -125,7 +127,8 @@ PIPELINE_PARAMETERS: tuple[PipelineParameter, ...] = (
     PipelineParameter(
         "mlflow_tracking_uri",
         "tracking.tracking_uri",
-        "MLflow tracking URI; empty: the MLFLOW_TRACKING_URI of the unifl-endpoints ConfigMap.",
+        "MLflow tracking URI; on a cluster the MLFLOW_TRACKING_URI of the unifl-endpoints "
+        "ConfigMap replaces the local default.",
     ),
     PipelineParameter("mlflow_experiment", "tracking.experiment", "MLflow experiment name."),
     PipelineParameter(
@@ -195,8 +198,9 @@ def apply_pipeline_parameters(
     """Set each named parameter's configuration key; errors name the parameter.
 
     Empty `label_studio_url`, `mlflow_tracking_uri` and `dvc_remote` keep the configured
-    value, except that the ConfigMap's `MLFLOW_TRACKING_URI` (and, with
-    `label_studio_from_env`, `LABEL_STUDIO_URL`) fill them on a cluster.
+    value; on a cluster the ConfigMap's `MLFLOW_TRACKING_URI` replaces the local default
+    tracking URI (a SQLite file means nothing in a pod), and, with `label_studio_from_env`,
+    its `LABEL_STUDIO_URL` fills an unset `labeling.url`.
     """
     environ = os.environ if environ is None else environ
     resolved = params.model_copy(deep=True)
@@ -206,10 +210,11 @@ def apply_pipeline_parameters(
     for name, value in values.items():
         parameter = PARAMETERS_BY_NAME[name]
         if name in EMPTY_MEANS_CONFIGURED and (value is None or value == ""):
-            if name == "mlflow_tracking_uri" and environ.get(TRACKING_URI_ENV):
+            local_uri = resolved.tracking.tracking_uri == LOCAL_TRACKING_URI
+            if name == "mlflow_tracking_uri" and local_uri and environ.get(TRACKING_URI_ENV):
                 _set(resolved, parameter.key, environ[TRACKING_URI_ENV], name)
             from_env = label_studio_from_env and environ.get(LABEL_STUDIO_URL_ENV)
-            if name == "label_studio_url" and from_env:
+            if name == "label_studio_url" and from_env and not resolved.labeling.url:
                 _set(resolved, parameter.key, environ[LABEL_STUDIO_URL_ENV], name)
             continue
         if isinstance(value, str) and not value.strip():
