@@ -480,7 +480,7 @@ def validate(
     frame, source, table_dir = _load_table(table_or_path)
     root = Path(options.image_root) if options.image_root else (table_dir or Path.cwd())
     suite = _SUITES[kind](frame, options, root)
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # Great Expectations rejects relative Data Docs paths
     with atomic_directory(out_dir) as tmp:
         outcomes, docs_index = _run_suite(kind, frame, suite, tmp / DATA_DOCS_DIR)
         failed = sum(not outcome.success for outcome in outcomes)
