@@ -177,7 +177,5 @@ class DecoupledTrainer(FeedbackTrainer):
         if batch.regulariser is not None:
             latents = self.encode(batch.regulariser.images)
             real_embeds, _ = self.prompt_embeds(batch.regulariser.captions)
-            mse = self.noise_regulariser(latents, real_embeds, generator)
-            loss = loss + self.config.mse_weight * mse
-            logs["mse"] = float(mse.detach())
+            loss = self.add_noise_regulariser(loss, logs, latents, real_embeds, generator)
         return StepOutput(loss, logs)

@@ -203,9 +203,6 @@ class PeflTrainer(FeedbackTrainer):
             loss = loss + config.aesthetic_weight * aesthetic
             logs.update(reward_logs)
             logs["aes"] = float(aesthetic.detach())
-        if self.config.mse_weight > 0:
-            mse = self.noise_regulariser(latents, embeds, generator)
-            loss = loss + self.config.mse_weight * mse
-            logs["mse"] = float(mse.detach())
+        loss = self.add_noise_regulariser(loss, logs, latents, embeds, generator)
         logs.update({"t": grad_step, "timestep": sample.timestep})
         return StepOutput(loss, logs)

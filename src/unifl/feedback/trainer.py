@@ -719,6 +719,21 @@ class FeedbackTrainer:
                 return decode_latents(self.model, latents.float())
         return decode_latents(self.model, latents)
 
+    def add_noise_regulariser(
+        self,
+        loss: Tensor,
+        logs: dict[str, float],
+        latents: Tensor,
+        embeds: PromptEmbeds,
+        generator: torch.Generator,
+    ) -> Tensor:
+        """`loss` plus the weighted MSE regulariser (logged as `mse`) when its weight is set."""
+        if self.config.mse_weight <= 0:
+            return loss
+        mse = self.noise_regulariser(latents, embeds, generator)
+        logs["mse"] = float(mse.detach())
+        return loss + self.config.mse_weight * mse
+
     def noise_regulariser(
         self, latents: Tensor, embeds: PromptEmbeds, generator: torch.Generator
     ) -> Tensor:
