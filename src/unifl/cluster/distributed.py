@@ -25,12 +25,21 @@ Two strategies, each a packaged accelerate config (`unifl/resources/accelerate/`
 adversarial stage, which always takes DDP: it trains two models (UNet and
 discriminator) and accelerate's FSDP2 shards one model per `prepare` call.
 
-Status of FSDP: the launch side (config, wrap class, the environment accelerate
-gives the processes) is tested; training under it has not been run, because
-accelerate enables FSDP only on GPUs. The trainer's export and its
-trainable-parameter checkpoint hooks read whole parameters from the module,
-which under FSDP hold shards: a sharded run needs them to gather a full state
-dict (`accelerator.get_state_dict`, on every process) first.
+Status of FSDP. Tested: the launch side (config, wrap class, the environment
+accelerate gives the processes), and the trainer's handling of sharded
+parameters: its checkpoint hooks, EMA and export read and write the trainable
+parameters only through `full_trainable_state` / `load_trainable_state`
+(`unifl.feedback.trainer`, built on `torch.distributed.checkpoint.state_dict`),
+which `tests/integration/test_fsdp_state.py` runs on two CPU processes over
+gloo with the toy UNet sharded by torch's FSDP2 `fully_shard` directly: the
+gathered state equals the one-process update of the same global batch, a save
+and load round trip is exact, the sharded EMA matches, and the export's plain
+copy computes what the unsharded model does. Not run: training under
+`accelerate launch` with `fsdp.yaml`, because accelerate enables FSDP only on
+GPUs (CPU processes get DDP). That means accelerate's FSDP2 `prepare`, its
+sharded save and resume of model and optimizer, gradient clipping over
+DTensors and mixed precision under FSDP are untested here; the first GPU run
+is their test.
 
 What N processes compute: each takes `trainer.batch_size` samples of every
 micro-batch, so the global batch of an optimisation step is

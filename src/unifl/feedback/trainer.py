@@ -36,6 +36,16 @@ generator)` (its objective). Everything else is here, written once:
   of the global mean. Logged numbers are averaged over the processes, and at
   every checkpoint the processes compare digests of their trainable
   parameters (recorded in `trainer_state.json`) and stop on a mismatch.
+* **Sharded processes (FSDP2).** Each process holds a shard of every UNet
+  parameter (a DTensor). Whatever reads or writes the trainable parameters
+  goes through `full_trainable_state` (gather whole fp32 CPU tensors onto the
+  main process) and `load_trainable_state` (each process keeps its shard of
+  whole tensors), both collectives that every process calls, so a
+  checkpoint's `trainable_N.safetensors` and the export are the same files as
+  under DDP (accelerate adds its sharded model and optimizer, and resumes from
+  those). The EMA averages each process's shards in place and is gathered the
+  same way. Only a full fine-tune is sharded (LoRA trains under DDP), and the
+  digest check is skipped.
 * **Checkpoints.** Every `trainer.checkpoint_every` steps and at the end,
   `accelerator.save_state` writes the trainable parameters (only those: a LoRA
   checkpoint is the adapter, not a copy of the UNet), optimizer, LR schedule,
@@ -50,6 +60,7 @@ generator)` (its objective). Everything else is here, written once:
   (`save_base_model`, LoRA merged into fp32 weights, EMA weights when EMA is
   on) and, with LoRA, the adapter alone in diffusers' LoRA format
   (`pytorch_lora_weights.safetensors`, what MLflow's diffusers flavor logs).
+  Every process gathers; the main process writes.
 
 The loss history is one row per optimisation step (`history`), reported to
 `metrics_callback(step, row)` (no MLflow import here) and shown on a tqdm bar.
@@ -198,6 +209,142 @@ def parameter_digest(parameters: Mapping[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
+# --------------------------------------------------------------------------- full state
+
+
+def _plain_module(module: nn.Module) -> nn.Module:
+    """`module` without its data-parallel or compile wrapper; names are then parameter names.
+
+    FSDP2 wraps nothing (it shards the module in place), so a sharded module comes back as is.
+    """
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(module, keep_torch_compile=False)
+
+
+def _is_sharded(tensor: Tensor) -> bool:
+    """Whether `tensor` is a DTensor (an FSDP2 parameter: each process holds a shard of it)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """This process's own part of `tensor`: its shard when sharded, else the tensor itself.
+
+    Under `no_grad` the shard is the DTensor's storage, so in-place updates of it update the
+    DTensor without any communication.
+    """
+    return tensor.to_local() if _is_sharded(tensor) else tensor
+
+
+def _receives_full_state() -> bool:
+    """Whether this process receives gathered state: the main process (rank 0), or the only one."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def full_trainable_state(module: nn.Module) -> dict[str, Tensor]:
+    """The trainable parameters of `module` as whole fp32 CPU tensors, by parameter name.
+
+    `module` may be plain, wrapped (DDP) or sharded in place by FSDP2, whose
+    parameters are DTensors of which each process holds a shard. Gathering the
+    shards is a collective: every process must call this, in the same order.
+    With several processes only the main process (rank 0) receives the state
+    and the others get an empty dict (`cpu_offload`, so that one process alone
+    holds a whole copy in host memory); a single process receives it too. The
+    tensors are copies, never the live parameters.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    plain = _plain_module(module)
+    names = [name for name, parameter in plain.named_parameters() if parameter.requires_grad]
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    gathered = get_model_state_dict(plain, options=options)
+    if not gathered:
+        return {}
+    # Unsharded CPU parameters come back as themselves: copy those, and only those.
+    live = {_local(p).untyped_storage().data_ptr() for p in plain.parameters()}
+    state = {}
+    for name in names:
+        value = gathered.pop(name).detach()
+        if value.untyped_storage().data_ptr() in live:
+            value = value.clone()
+        state[name] = value.to(torch.float32).contiguous()
+    return state
+
+
+def load_trainable_state(module: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Write whole tensors `state` (by parameter name) into the trainable parameters of `module`.
+
+    The counterpart of `full_trainable_state`. Every process passes the same
+    whole state (read from the same checkpoint file, say); a sharded (FSDP2)
+    module keeps each process's own shard of it, which is a collective: every
+    process must call this. Values are cast to the parameters' dtypes. Raises
+    `ValueError` naming the parameters missing from `state`, those it holds
+    that are not trainable in `module`, and those of another shape; nothing is
+    written then.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    plain = _plain_module(module)
+    trainable = {name: p for name, p in plain.named_parameters() if p.requires_grad}
+    missing = sorted(set(trainable) - set(state))
+    unexpected = sorted(set(state) - set(trainable))
+    if missing or unexpected:
+        raise ValueError(
+            f"not this module's trainable parameters: missing {missing[:3]}"
+            f"{' ...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+            f"{' ...' if len(unexpected) > 3 else ''}"
+        )
+    for name, parameter in trainable.items():
+        if state[name].shape != parameter.shape:  # a DTensor's shape is the whole tensor's
+            raise ValueError(
+                f"{name} has shape {tuple(state[name].shape)}, the module's parameter "
+                f"{tuple(parameter.shape)}"
+            )
+    values = {name: state[name].detach() for name in trainable}
+    # strict=False: the frozen parameters (a LoRA run's UNet) keep their values.
+    set_model_state_dict(
+        plain, values, options=StateDictOptions(full_state_dict=True, strict=False)
+    )
+
+
+def unsharded_copy(module: nn.Module, weights: Mapping[str, Tensor]) -> nn.Module:
+    """A plain copy of `module` (unwrapped, on its device) with `weights` in place of its own.
+
+    `weights` holds whole tensors of trainable parameters, by name (as
+    `full_trainable_state` gives them, EMA averages perhaps put in). A
+    replicated module is deep-copied. A sharded (FSDP2) one holds shards only,
+    so its class (a diffusers or transformers model) is rebuilt from its config
+    on the meta device and takes `weights` as its parameters: they must then
+    hold every parameter, as in a full fine-tune. Runs on one process.
+    """
+    plain = _plain_module(module)
+    if not any(_is_sharded(p) for p in plain.parameters()):
+        copied = copy.deepcopy(plain)
+        load_trainable_state(copied, weights)
+        return copied
+    from accelerate import init_empty_weights
+    from torch.distributed.fsdp import FSDPModule
+
+    # fully_shard swaps the class for FSDP<class>, a subclass of FSDPModule and the model class.
+    model_class = next(c for c in type(plain).__mro__ if not issubclass(c, FSDPModule))
+    names = {name for name, _ in plain.named_parameters()}
+    missing = sorted(names - set(weights))
+    if missing:
+        raise TrainingError(
+            f"{model_class.__name__}: a sharded model is copied from its trainable parameters "
+            f"alone, but {len(missing)} are frozen ({missing[:3]}); shard only full fine-tunes"
+        )
+    device = next(_local(p).device for p in plain.parameters())
+    with init_empty_weights():
+        copied = model_class.from_config(plain.config)
+    copied.load_state_dict({name: weights[name] for name in names}, strict=True, assign=True)
+    return copied.to(device)
+
+
 # --------------------------------------------------------------------------- EMA
 
 
@@ -209,6 +356,13 @@ class ExponentialMovingAverage:
     the initial weights: with decay 0.9999 and a few hundred toy steps a plain
     EMA would barely move. `state_dict`/`load_state_dict` make it a checkpoint
     object for `accelerator.register_for_checkpointing`.
+
+    Sharded parameters (FSDP2) give sharded averages with the same layout: the
+    average is elementwise, so each process updates its own shards, without
+    communication. `full_state()` and `state_dict()` gather whole tensors (a
+    collective, every process calls them; the main process receives them, as
+    in `full_trainable_state`), and `load_state_dict` takes whole tensors and
+    keeps each process's shards.
     """
 
     def __init__(self, parameters: Mapping[str, Tensor], decay: float) -> None:
@@ -225,33 +379,58 @@ class ExponentialMovingAverage:
     def update(self, parameters: Mapping[str, Tensor]) -> None:
         decay = self.current_decay()
         for name, parameter in parameters.items():
-            self.shadow[name].lerp_(parameter.detach().float(), 1.0 - decay)
+            _local(self.shadow[name]).lerp_(_local(parameter.detach()).float(), 1.0 - decay)
         self.num_updates += 1
 
     @torch.no_grad()
     def copy_to(self, parameters: Mapping[str, Tensor]) -> None:
-        """Write the averaged values into `parameters` (same names)."""
+        """Write the averaged values into `parameters` (same names, same sharding)."""
         missing = sorted(set(parameters) - set(self.shadow))
         if missing:
             raise ValueError(f"EMA has no average for parameters {missing[:3]}")
         for name, parameter in parameters.items():
-            parameter.copy_(self.shadow[name].to(parameter.device, parameter.dtype))
+            target = _local(parameter)
+            target.copy_(_local(self.shadow[name]).to(target.device, target.dtype))
+
+    def full_state(self) -> dict[str, Tensor]:
+        """The averages as whole fp32 CPU tensors, on the main process ({} on the others).
+
+        A collective when the averages are sharded: every process calls it.
+        """
+        receives = _receives_full_state()
+        state = {}
+        for name, value in self.shadow.items():
+            whole = value.full_tensor() if _is_sharded(value) else value
+            if receives:
+                state[name] = whole.detach().to("cpu", torch.float32, copy=True)
+        return state
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "decay": self.decay,
-            "num_updates": self.num_updates,
-            "shadow": {name: value.cpu() for name, value in self.shadow.items()},
-        }
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": self.full_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        from torch.distributed.tensor import distribute_tensor
+
         shadow = state["shadow"]
         if set(shadow) != set(self.shadow):
             raise ResumeError("the checkpoint's EMA averages other parameters than this model's")
+        for name, value in shadow.items():
+            if value.shape != self.shadow[name].shape:
+                raise ResumeError(
+                    f"the checkpoint's EMA average of {name} has shape {tuple(value.shape)}, "
+                    f"the model's {tuple(self.shadow[name].shape)}"
+                )
         self.decay = float(state["decay"])
         self.num_updates = int(state["num_updates"])
         for name, value in shadow.items():
-            self.shadow[name] = value.to(self.shadow[name].device, torch.float32)
+            current = self.shadow[name]
+            value = value.to(_local(current).device, torch.float32)
+            if _is_sharded(current):
+                # Every process holds the whole tensor: each keeps its shard, no communication.
+                value = distribute_tensor(
+                    value, current.device_mesh, current.placements, src_data_rank=None
+                )
+            self.shadow[name] = value
 
 
 # --------------------------------------------------------------------------- pieces
@@ -566,11 +745,22 @@ class FeedbackTrainer:
                 return group
         raise KeyError(name)
 
+    def _sharded_run(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type == DistributedType.FSDP
+
     def _prepare(self) -> None:
         from torch.optim.lr_scheduler import LambdaLR
 
         if self._prepared:
             return
+        if self._sharded_run() and self.config.use_lora:
+            raise TrainingError(
+                "FSDP shards a full fine-tune: the exported UNet is rebuilt from the gathered "
+                "trainable parameters, which under LoRA leave out the frozen weights; train "
+                "LoRA under DDP (trainer.use_lora=false for FSDP)"
+            )
         for group in self.groups:
             trainable = list(group.named_trainable().values())
             if not trainable:
@@ -758,54 +948,36 @@ class FeedbackTrainer:
         from safetensors.torch import save_file
 
         for index, module in enumerate(models):
-            plain = self.accelerator.unwrap_model(module)
-            state = {
-                name: p.detach().to("cpu").contiguous()
-                for name, p in plain.named_parameters()
-                if p.requires_grad
-            }
+            state = full_trainable_state(module)  # every process: gathering shards is a collective
             if self.accelerator.is_main_process:
                 save_file(state, str(Path(output_dir) / f"trainable_{index}.safetensors"))
         weights.clear()  # accelerate would otherwise save every frozen UNet weight too
 
     def _load_trainable_hook(self, models: list[nn.Module], input_dir: str) -> None:
+        # Under FSDP accelerate loads its own sharded model and passes no models here.
         from safetensors.torch import load_file
 
         for index, module in enumerate(models):
-            plain = self.accelerator.unwrap_model(module)
             path = Path(input_dir) / f"trainable_{index}.safetensors"
             if not path.is_file():
                 raise ResumeError(f"{path}: missing trainable parameters of the checkpoint")
-            state = load_file(str(path))
-            trainable = {name: p for name, p in plain.named_parameters() if p.requires_grad}
-            missing = sorted(set(trainable) - set(state))
-            unexpected = sorted(set(state) - set(trainable))
-            if missing or unexpected:
-                raise ResumeError(
-                    f"{path}: does not hold this run's trainable parameters (missing {missing[:3]}, "
-                    f"unexpected {unexpected[:3]})"
-                )
-            with torch.no_grad():
-                for name, parameter in trainable.items():
-                    value = state[name]
-                    if value.shape != parameter.shape:
-                        raise ResumeError(
-                            f"{path}: {name} has shape {tuple(value.shape)}, the model "
-                            f"{tuple(parameter.shape)}"
-                        )
-                    parameter.copy_(value.to(parameter.device, parameter.dtype))
+            try:
+                load_trainable_state(module, load_file(str(path)))
+            except ValueError as exc:
+                raise ResumeError(f"{path}: {exc}") from None
         models.clear()
 
     def process_digests(self) -> list[str]:
         """`parameter_digest` of the trainable parameters on every process, in process order.
 
         Data-parallel replicas apply the same all-reduced gradients, so the
-        digests are equal; a difference means the processes diverged. Empty under
-        FSDP, where each process holds only a shard.
+        digests are equal; a difference means the processes diverged. Each
+        process digests its own replica, so this reads the local parameters, not
+        a gathered state. Empty under FSDP, where each process holds only shards.
         """
-        from accelerate.utils import DistributedType, gather_object
+        from accelerate.utils import gather_object
 
-        if self.accelerator.distributed_type == DistributedType.FSDP:
+        if self._sharded_run():
             return []
         named = {
             f"{group.name}.{name}": parameter
@@ -1035,12 +1207,19 @@ class FeedbackTrainer:
         return norms
 
     # ------------------------------------------------------------------- export
-    def _tuned_copy(self) -> nn.Module:
-        """A copy of the training UNet with the EMA averages in place of the live weights."""
-        unet = copy.deepcopy(self.accelerator.unwrap_model(self.groups[0].prepared))
+    def _tuned_copy(self) -> nn.Module | None:
+        """A plain copy of the training UNet, the EMA averages in place of the live weights.
+
+        Every process must call this: under FSDP gathering the shards is a
+        collective. The main process gets the copy, the others None.
+        """
+        prepared = self.groups[0].prepared
+        weights = full_trainable_state(prepared)
         if self.ema is not None:
-            self.ema.copy_to({n: p for n, p in unet.named_parameters() if n in self.ema.shadow})
-        return unet
+            weights.update(self.ema.full_state())
+        if not self.accelerator.is_main_process:
+            return None
+        return unsharded_copy(prepared, weights)
 
     def _reload_fp32_unet(self) -> nn.Module | None:
         """The base UNet in fp32 from its source, or None (an in-memory or unreachable model)."""
@@ -1088,9 +1267,16 @@ class FeedbackTrainer:
         unet.eval()
         return unet
 
-    def export_unet(self) -> nn.Module:
-        """The tuned UNet as a plain fp32 `UNet2DConditionModel` (LoRA merged, EMA applied)."""
-        return self._merged(self._tuned_copy())
+    def export_unet(self) -> nn.Module | None:
+        """The tuned UNet as a plain fp32 `UNet2DConditionModel` (LoRA merged, EMA applied).
+
+        On the main process; the others get None. Under FSDP every process must
+        call it (the gather is a collective); replicated (DDP) processes hold
+        whole parameters and gather nothing, so there the main process may call
+        it alone.
+        """
+        tuned = self._tuned_copy()
+        return None if tuned is None else self._merged(tuned)
 
     def _save_lora(self, tuned: nn.Module, directory: Path) -> None:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -1116,8 +1302,8 @@ class FeedbackTrainer:
         self._prepare()
         model_dir = self.out_dir / MODEL_DIR
         lora_dir = self.out_dir / LORA_DIR if self.config.use_lora else None
-        if self.accelerator.is_main_process:
-            tuned = self._tuned_copy()
+        tuned = self._tuned_copy()  # on every process: gathering shards is a collective
+        if tuned is not None:
             if lora_dir is not None:
                 self._save_lora(tuned, lora_dir)
             exported = dataclasses.replace(self.model, unet=self._merged(tuned))
