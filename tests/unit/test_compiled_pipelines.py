@@ -212,6 +212,27 @@ def test_no_secret_reaches_the_yaml_and_secrets_come_from_kubernetes(
     assert "secretAsEnv" not in train_platform["exec-bootstrap-toy"]
 
 
+def test_every_secret_the_pipelines_mount_has_a_template(compiled: dict[str, str]) -> None:
+    templates = {
+        doc["metadata"]["name"]: set(doc["stringData"])
+        for doc in yaml.safe_load_all(
+            (REPO / "k8s" / "secrets" / "templates.yaml").read_text(encoding="utf-8")
+        )
+        if doc
+    }
+    mounted: dict[str, set[str]] = {}
+    for text in compiled.values():
+        _, platform = documents(text)
+        for executor in platform.values():
+            for source in executor.get("secretAsEnv", []):
+                keys = {pair["secretKey"] for pair in source["keyToEnv"]}
+                mounted.setdefault(source["secretName"], set()).update(keys)
+    assert "unifl-mlflow-credentials" in mounted
+    for name, keys in mounted.items():
+        assert name in templates, f"{name} is mounted but has no template"
+        assert keys <= templates[name], f"{name}: keys {keys - templates[name]} missing"
+
+
 def test_image_is_set_at_compile_time(tmp_path: Path) -> None:
     (path,) = compile_pipelines(
         repo_params(), tmp_path, image="registry.example/unifl:9.9.1", names=["collect"]
