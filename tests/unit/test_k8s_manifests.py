@@ -315,10 +315,12 @@ def test_references_between_objects_resolve(overlay: str) -> None:
                     assert "secretRef" not in source or source["secretRef"]["name"] in secrets
     # Every template key is used by a manifest or by the pipeline pods.
     from unifl.cluster.settings import secret_env_sources
+    from unifl.pipelines.unifl_pipelines import MLFLOW_CREDENTIAL_KEYS, MLFLOW_CREDENTIALS_SECRET
 
     used_secret_keys |= {
         (secret, key) for secret, keys in secret_env_sources(GROUPS).items() for key in keys
     }
+    used_secret_keys |= {(MLFLOW_CREDENTIALS_SECRET, key) for key in MLFLOW_CREDENTIAL_KEYS}
     declared = {(name, key) for name, keys in secrets.items() for key in keys}
     assert declared == used_secret_keys
 
