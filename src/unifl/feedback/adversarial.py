@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from unifl.feedback.decoupled import aesthetic_feedback, resolve_aesthetic_weights
+from unifl.feedback.decoupled import add_aesthetic_term, resolve_aesthetic_weights
 from unifl.feedback.losses import discriminator_loss, generator_adversarial_loss
 from unifl.feedback.pefl import ImageBatch, check_image_data, collate_images
 from unifl.feedback.sampling import noise_latents, sample_step
@@ -169,16 +169,16 @@ class AdversarialTrainer(FeedbackTrainer):
         loss = config.adversarial_weight * generator_loss
         logs: dict[str, float] = {"g_loss": float(generator_loss.detach())}
         if self.weights:
-            aesthetic, reward_logs = aesthetic_feedback(
+            loss = add_aesthetic_term(
+                loss,
+                logs,
                 self.reward_model,
                 fake,
                 batch.captions,
                 self.weights,
                 self.params.decoupled.grad_scale,
+                config.aesthetic_weight,
             )
-            loss = loss + config.aesthetic_weight * aesthetic
-            logs.update(reward_logs)
-            logs["aes"] = float(aesthetic.detach())
 
         prepared = self.group("discriminator").prepared
         both = torch.cat([real.to(fake.dtype), fake.detach()])

@@ -79,6 +79,24 @@ def aesthetic_feedback(
     return grad_scale * hinge, logs
 
 
+def add_aesthetic_term(
+    loss: Tensor,
+    logs: dict[str, float],
+    reward_model: DecoupledRewardModel,
+    images: Tensor,
+    prompts: Sequence[str],
+    weights: Mapping[str, float],
+    grad_scale: float,
+    weight: float,
+) -> Tensor:
+    """`loss + weight * L_aes` of a stage that adds the aesthetic objective to its own (PeFL,
+    adversarial); the rewards, hinges and the term go to `logs`."""
+    aesthetic, reward_logs = aesthetic_feedback(reward_model, images, prompts, weights, grad_scale)
+    logs.update(reward_logs)
+    logs["aes"] = float(aesthetic.detach())
+    return loss + weight * aesthetic
+
+
 @dataclass
 class PromptBatch:
     """Prompts of one micro-batch, and real images for the MSE regulariser when it is on."""

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from unifl.feedback.decoupled import aesthetic_feedback, resolve_aesthetic_weights
+from unifl.feedback.decoupled import add_aesthetic_term, resolve_aesthetic_weights
 from unifl.feedback.perceptual import (
     INSTANCE_CLASSES,
     INSTANCE_MASKS,
@@ -193,16 +193,16 @@ class PeflTrainer(FeedbackTrainer):
         for name, value in getattr(self.perceptual_loss, "last_terms", {}).items():
             logs[f"pefl_{name}"] = float(value)
         if self.reward_model is not None:
-            aesthetic, reward_logs = aesthetic_feedback(
+            loss = add_aesthetic_term(
+                loss,
+                logs,
                 self.reward_model,
                 images,
                 batch.captions,
                 self.weights,
                 self.params.decoupled.grad_scale,
+                config.aesthetic_weight,
             )
-            loss = loss + config.aesthetic_weight * aesthetic
-            logs.update(reward_logs)
-            logs["aes"] = float(aesthetic.detach())
         loss = self.add_noise_regulariser(loss, logs, latents, embeds, generator)
         logs.update({"t": grad_step, "timestep": sample.timestep})
         return StepOutput(loss, logs)
