@@ -284,10 +284,12 @@ def run_adversarial(
     exported = trainer.export()
     check: dict[str, float] = {}
     count = min(params.adversarial.eval_prompts, len(images))
-    if count and trainer.accelerator.is_main_process:
+    # Every process takes part in gathering the tuned UNet; the main process gets it.
+    unet = trainer.export_unet() if count else None
+    if unet is not None:
         import dataclasses
 
-        tuned = dataclasses.replace(trainer.model, unet=trainer.export_unet())
+        tuned = dataclasses.replace(trainer.model, unet=unet)
         prompts = [str(images[i]["caption"]) for i in range(count)]
         check = trainer.few_step_check(tuned, prompts)
     inputs = {"base": str(base), "data": str(data), "reward": str(reward)}
