@@ -70,10 +70,21 @@ class BootstrapConfig(Section):
     batch_size: int = Field(32, ge=1, description="Batch size of every bootstrap trainer.")
     learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate of the bootstrap.")
     vae_kl_weight: float = Field(
-        1e-3, ge=0, description="Weight of the toy VAE's KL term (per latent element)."
+        1e-6,
+        ge=0,
+        description="Weight of the toy VAE's KL term (per latent element); SD's VAE uses 1e-6. "
+        "At 1e-3 the posterior noise blurred the shapes: caption-match of reconstructions "
+        "0.53 against 0.61 at 1e-6.",
     )
     caption_dropout: float = Field(
         0.1, ge=0, lt=1, description="Share of captions replaced by '' so CFG works."
+    )
+    num_threads: int | None = Field(
+        1,
+        ge=1,
+        description="torch CPU threads while bootstrapping; the toy models are so small that one "
+        "thread trains faster than two (measured: 5.1 against 3.3 UNet steps/s on 2 cores); "
+        "null: torch's default.",
     )
 
 
@@ -139,7 +150,8 @@ class CurateConfig(Section):
         "(exact when the set is smaller).",
     )
     similarity_backend: Literal["torch", "faiss", "auto"] = Field(
-        "torch", description="Nearest-neighbour search: blockwise torch, faiss, or faiss if installed."
+        "torch",
+        description="Nearest-neighbour search: blockwise torch, faiss, or faiss if installed.",
     )
     embed_batch_size: int = Field(256, ge=1, description="Prompts per text-encoder batch.")
     toy_prompts: int = Field(
@@ -176,7 +188,8 @@ class LabelingConfig(Section):
     )
     min_annotators: int = Field(1, ge=1, description="Tasks with fewer annotations are dropped.")
     token_file: str | None = Field(
-        None, description="File with the token (a mounted Kubernetes Secret), used if the env is unset."
+        None,
+        description="File with the token (a mounted Kubernetes Secret), used if the env is unset.",
     )
     request_timeout: float = Field(60.0, gt=0, description="Seconds per Label Studio API request.")
     storage: Literal["local", "s3"] = Field(
@@ -206,7 +219,8 @@ class LabelingConfig(Section):
         "{dimension: scores}, followed by simulated annotators.",
     )
     server_dir: str = Field(
-        ".cache/label-studio", description="Local server: its venv (installed on first use) and data."
+        ".cache/label-studio",
+        description="Local server: its venv (installed on first use) and data.",
     )
     server_version: str = Field("1.23.2", description="label-studio release of the local server.")
     server_port: int = Field(8080, ge=1, le=65535, description="Port of `unifl labeling serve`.")
@@ -234,7 +248,9 @@ class RewardConfig(Section):
         description="AdamW learning rate of the shared CLIP backbone; 0 freezes it (heads only). "
         "The toy backbone is random and must learn; for a pretrained CLIP use ~1e-5.",
     )
-    head_hidden_dim: int = Field(128, ge=1, description="Hidden width of each dimension's MLP head.")
+    head_hidden_dim: int = Field(
+        128, ge=1, description="Hidden width of each dimension's MLP head."
+    )
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clipping.")
     tie_rule: Literal["soft", "drop"] = Field(
@@ -284,7 +300,9 @@ class TrainerConfig(Section):
         ge=1.0,
         description="CFG scale of the UNet calls with gradients; 1: conditional only (half cost).",
     )
-    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept in out/checkpoints.")
+    keep_checkpoints: int = Field(
+        2, ge=1, description="Newest checkpoints kept in out/checkpoints."
+    )
 
 
 PerceptualKind = Literal[
@@ -387,7 +405,9 @@ class AdversarialConfig(Section):
         "detail", description="Reward head the discriminator starts from (paper: detail)."
     )
     eval_prompts: int = Field(
-        8, ge=0, description="Prompts sampled at inference_steps and at the full schedule at the end."
+        8,
+        ge=0,
+        description="Prompts sampled at inference_steps and at the full schedule at the end.",
     )
 
 
@@ -438,13 +458,16 @@ class TrackingConfig(Section):
         "unifl-reward", description="Registered model of the decoupled reward models."
     )
     http_timeout_s: int = Field(
-        10, ge=1, description="Seconds per MLflow HTTP request (MLflow's default, 120, hides outages)."
+        10,
+        ge=1,
+        description="Seconds per MLflow HTTP request (MLflow's default, 120, hides outages).",
     )
     http_max_retries: int = Field(
         2, ge=0, description="Retries per MLflow HTTP request (MLflow's default, 7, takes minutes)."
     )
     model_code_dir: str | None = Field(
-        None, description="Directory of the pyfunc model-code files; none: the repository's mlflow/."
+        None,
+        description="Directory of the pyfunc model-code files; none: the repository's mlflow/.",
     )
 
 
@@ -482,7 +505,9 @@ class PromotionConfig(Section):
         "evaluation/per_prompt.csv",
         description="Run artifact with one row per evaluation prompt: prompt_id + metric columns.",
     )
-    seed: int = Field(0, description="Seed of the bootstrap resampling (same inputs, same verdict).")
+    seed: int = Field(
+        0, description="Seed of the bootstrap resampling (same inputs, same verdict)."
+    )
 
 
 class PipelineConfig(Section):

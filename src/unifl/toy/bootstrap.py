@@ -75,7 +75,7 @@ def bootstrap_config(params: Params) -> dict[str, Any]:
         "format": BOOTSTRAP_FORMAT,
         "seed": params.project.seed,
         "toy": params.toy.model_dump(mode="json"),
-        "bootstrap": params.bootstrap.model_dump(mode="json", exclude={"cache_dir"}),
+        "bootstrap": params.bootstrap.model_dump(mode="json", exclude={"cache_dir", "num_threads"}),
     }
 
 
@@ -273,16 +273,27 @@ def bootstrap_toy_world(
     bootstrap with the same configuration hash is returned as it is unless
     `force`; the directory is written whole or not at all.
     """
+    directory = Path(out_dir) if out_dir is not None else default_directory(params)
+    if not force and (cached := load_cached(directory, params)) is not None:
+        return cached
+
+    boot = params.bootstrap
+    threads = torch.get_num_threads()
+    if boot.num_threads is not None:
+        torch.set_num_threads(boot.num_threads)
+    try:
+        return _bootstrap(params, directory, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResult:
     from unifl.models.base import save_base_model
     from unifl.models.sampler import generate
     from unifl.models.segmenter import train_segmenter
     from unifl.models.toy_presets import build_toy_model
     from unifl.toy.caption_match import caption_match
     from unifl.toy.dataset import generate_toy_batch, write_toy_dataset
-
-    directory = Path(out_dir) if out_dir is not None else default_directory(params)
-    if not force and (cached := load_cached(directory, params)) is not None:
-        return cached
 
     toy, boot, seed = params.toy, params.bootstrap, params.project.seed
     torch.manual_seed(seed)
