@@ -61,7 +61,9 @@ def build_data(params: Params, boot, out: Path) -> dict[str, Path]:
         run_curate_stage(params, [], base, paths["prompts"])
         run_pairs_stage(params, paths["prompts"], base, paths["pairs"])
         label_pairs(params, paths["pairs"], paths["labels"])
-        train_reward_stage(params, paths["labels"] / "pairs.parquet", paths["pairs"], paths["reward"])
+        train_reward_stage(
+            params, paths["labels"] / "pairs.parquet", paths["pairs"], paths["reward"]
+        )
     paths["reward"] = paths["reward"] / "model"
     return paths
 
@@ -124,7 +126,11 @@ def table_markdown(results: dict[str, list[dict[str, float]]], steps: int) -> st
         cells = []
         for column in columns:
             mean, std = mean_std(
-                [run[f"{column}_{steps}steps"] for run in results[model] if f"{column}_{steps}steps" in run]
+                [
+                    run[f"{column}_{steps}steps"]
+                    for run in results[model]
+                    if f"{column}_{steps}steps" in run
+                ]
             )
             cells.append(f"{mean:.3f} ± {std:.3f}")
         lines.append(f"| {model} | " + " | ".join(cells) + " |")

@@ -268,7 +268,9 @@ def test_encode_prompt_sd15_is_the_last_hidden_state(toy_models):
     embeds = encode_prompt(model, PROMPTS)
     assert embeds.prompt_embeds.shape == (2, TOY_MAX_LENGTH, 32)
     assert embeds.pooled_prompt_embeds is None and embeds.add_time_ids is None
-    ids = model.tokenizer(PROMPTS, padding="max_length", max_length=TOY_MAX_LENGTH, return_tensors="pt")
+    ids = model.tokenizer(
+        PROMPTS, padding="max_length", max_length=TOY_MAX_LENGTH, return_tensors="pt"
+    )
     expected = model.text_encoder(input_ids=ids.input_ids).last_hidden_state
     torch.testing.assert_close(embeds.prompt_embeds, expected)
     with pytest.raises(TypeError, match="list of prompts"):
@@ -283,7 +285,9 @@ def test_encode_prompt_sdxl_concatenates_penultimate_states_and_adds_pooled_and_
     assert embeds.prompt_embeds.shape == (2, TOY_MAX_LENGTH, 64)
     assert embeds.pooled_prompt_embeds.shape == (2, 32)
     assert embeds.add_time_ids.tolist() == [[32, 32, 0, 0, 32, 32]] * 2
-    ids = model.tokenizer(PROMPTS, padding="max_length", max_length=TOY_MAX_LENGTH, return_tensors="pt")
+    ids = model.tokenizer(
+        PROMPTS, padding="max_length", max_length=TOY_MAX_LENGTH, return_tensors="pt"
+    )
     out_1 = model.text_encoder(input_ids=ids.input_ids, output_hidden_states=True)
     out_2 = model.text_encoder_2(input_ids=ids.input_ids, output_hidden_states=True)
     torch.testing.assert_close(embeds.prompt_embeds[..., :32], out_1.hidden_states[-2])
