@@ -188,12 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/toy_table"))
     args = parser.parse_args(argv)
 
-    import torch
-
+    from unifl.models.precision import apply_num_threads
     from unifl.toy.bootstrap import bootstrap_toy_world
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     params = load_params(args.params, preset=args.preset, overrides=args.overrides)
+    apply_num_threads(params.project)
     started = time.perf_counter()
     boot = bootstrap_toy_world(params)
     data = build_data(params, boot, args.out)

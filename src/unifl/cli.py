@@ -38,12 +38,19 @@ SetOpt = Annotated[
 
 
 def load(params: Path, preset: str | None, overrides: list[str] | None) -> Params:
-    """Load the configuration or exit with the error's message (no traceback)."""
+    """Load the configuration or exit with the error's message (no traceback).
+
+    Also sets this process's torch threads (`project.num_threads`).
+    """
+    from unifl.models.precision import apply_num_threads
+
     try:
-        return load_params(params, preset=preset, overrides=overrides or [])
+        config = load_params(params, preset=preset, overrides=overrides or [])
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    apply_num_threads(config.project)
+    return config
 
 
 @config_app.command("show")

@@ -79,3 +79,19 @@ def test_cli_reports_config_errors_without_a_traceback():
     assert out.exit_code == 2
     assert "unknown key 'pefl.stepz'" in out.output
     assert "Traceback" not in out.output
+
+
+def test_num_threads_sets_the_torch_threads_of_the_process() -> None:
+    import torch
+
+    from unifl.models.precision import apply_num_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        apply_num_threads(load_params(None, overrides=["project.num_threads=1"]).project)
+        assert torch.get_num_threads() == 1
+        apply_num_threads(load_params(None, overrides=["project.num_threads=null"]).project)
+        assert torch.get_num_threads() == 1  # null leaves torch's setting alone
+    finally:
+        torch.set_num_threads(before)

@@ -29,6 +29,12 @@ _MIXED_PRECISION_DTYPES: dict[str, torch.dtype] = {
 }
 
 
+def apply_num_threads(project: ProjectConfig) -> None:
+    """Set torch's CPU thread count of this process to `project.num_threads` (None: leave it)."""
+    if project.num_threads is not None and torch.get_num_threads() != project.num_threads:
+        torch.set_num_threads(project.num_threads)
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' is cuda when a GPU is visible, else cpu; 'cuda' without a GPU is an error."""
     if name == "auto":

@@ -96,8 +96,16 @@ class ResolvedRun:
 
 
 def as_params(params: Params | str) -> Params:
-    """Steps take the resolved configuration as a `Params` or as its YAML text (KFP)."""
-    return params if isinstance(params, Params) else params_from_yaml(params)
+    """Steps take the resolved configuration as a `Params` or as its YAML text (KFP).
+
+    A step is its own process (a pod, a kfp.local subprocess): this is also where it takes
+    the configured number of torch threads.
+    """
+    from unifl.models.precision import apply_num_threads
+
+    params = params if isinstance(params, Params) else params_from_yaml(params)
+    apply_num_threads(params.project)
+    return params
 
 
 @contextlib.contextmanager

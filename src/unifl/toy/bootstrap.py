@@ -75,7 +75,7 @@ def bootstrap_config(params: Params) -> dict[str, Any]:
         "format": BOOTSTRAP_FORMAT,
         "seed": params.project.seed,
         "toy": params.toy.model_dump(mode="json"),
-        "bootstrap": params.bootstrap.model_dump(mode="json", exclude={"cache_dir", "num_threads"}),
+        "bootstrap": params.bootstrap.model_dump(mode="json", exclude={"cache_dir"}),
     }
 
 
@@ -277,10 +277,10 @@ def bootstrap_toy_world(
     if not force and (cached := load_cached(directory, params)) is not None:
         return cached
 
-    boot = params.bootstrap
+    from unifl.models.precision import apply_num_threads
+
     threads = torch.get_num_threads()
-    if boot.num_threads is not None:
-        torch.set_num_threads(boot.num_threads)
+    apply_num_threads(params.project)
     try:
         return _bootstrap(params, directory, progress)
     finally:
