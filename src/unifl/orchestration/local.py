@@ -267,6 +267,32 @@ def _environment(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
+@contextlib.contextmanager
+def _absent_optional_inputs_left_out() -> Iterator[None]:
+    """Leave an optional input the task was not given out of its executor input.
+
+    kfp.local (2.17) fills such an input with the component's empty default and then
+    casts every integer input with `int()`, which fails on it before the step starts (the
+    collect pipeline does not give `resolve-config` the training steps' counts). On a
+    cluster the input is left out and the function's default (None) applies: do the same.
+    """
+    from kfp.local import executor_input_utils
+
+    original = executor_input_utils.executor_input_to_dict
+
+    def without_absent(executor_input: Any, component_spec: Any) -> dict[str, Any]:
+        values = executor_input.inputs.parameter_values
+        for name in [name for name, value in values.items() if value.WhichOneof("kind") is None]:
+            del values[name]
+        return original(executor_input=executor_input, component_spec=component_spec)
+
+    executor_input_utils.executor_input_to_dict = without_absent
+    try:
+        yield
+    finally:
+        executor_input_utils.executor_input_to_dict = original
+
+
 def run_local(
     params: Params,
     pipeline: str = "full",
@@ -336,7 +362,11 @@ def run_local(
     log_file = layout.log_file(run_id)
     started = time.perf_counter()
     error: BaseException | None = None
-    with _environment(SUBPROCESS_ENV), _captured(log_file, total, names, progress) as stream:
+    with (
+        _environment(SUBPROCESS_ENV),
+        _absent_optional_inputs_left_out(),
+        _captured(log_file, total, names, progress) as stream,
+    ):
         try:
             pipeline_func(**arguments)
         except Exception as exc:
