@@ -9,7 +9,8 @@ wall time and peak resident memory are what this prints, then measures in the
 same run the caption-match rate (the toy segmenter finds each captioned object
 with its shape and colour) of 20-step samples of the trained base model, of a
 randomly initialised model of the same preset (the baseline: near chance), and
-of the real held-out toy images (the ceiling the segmenter allows). Next to
+of the real held-out toy images (the ceiling the segmenter allows) and of their
+reconstructions by the trained VAE (the ceiling the VAE allows). Next to
 each rate it prints its chance level: the same images scored against another
 image's caption.
 """
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from unifl.config import load_params
-    from unifl.models.base import load_base_model
+    from unifl.models.base import decode_latents, encode_images, load_base_model
     from unifl.models.sampler import generate
     from unifl.models.segmenter import ToySegmenter
     from unifl.models.toy_presets import build_toy_model
@@ -88,8 +89,15 @@ def main(argv: list[str] | None = None) -> int:
             caption_match(segmenter, real, rotated).rate,
         )
     }
+    trained = load_base_model(out / "base")
+    with torch.no_grad():
+        reconstructed = decode_latents(trained, encode_images(trained, real))
+    rates["trained VAE's reconstructions of them"] = (
+        caption_match(segmenter, reconstructed, captions).rate,
+        caption_match(segmenter, reconstructed, rotated).rate,
+    )
     models = {
-        "trained base model": load_base_model(out / "base"),
+        "trained base model": trained,
         "random-init model (baseline)": build_toy_model(
             f"toy-{params.bootstrap.family}", params.toy.resolution, params.project.seed
         ),
