@@ -207,3 +207,9 @@ def test_collect_then_annotate_then_train(
     for tags in (train_parent.data.tags, version.tags):
         assert tags["unifl.lineage.label_studio.project_id"] == str(project_id)
         assert tags["unifl.lineage.label_studio.export_id"] == lineage["export_id"]
+    # ... and the prompts and pairs versions: the train run hashes its imported artifacts
+    # again and gets the hashes the collect run recorded.
+    for data in ("prompts", "pairs"):
+        recorded = collect_parent.data.tags[f"unifl.lineage.dvc.{data}"]
+        assert train_parent.data.tags[f"unifl.lineage.dvc.{data}"] == recorded
+        assert version.tags[f"unifl.lineage.dvc.{data}"] == recorded

@@ -513,8 +513,9 @@ def lineage_step(
     """Record the cached data steps in the run: a nested run each, lineage on the parent.
 
     Each data output gets a nested run with its numbers and its reports as artifacts; the
-    parent run gets the DVC hashes of prompts, pairs and labels and the Label Studio ids,
-    which the later steps copy onto the models they register.
+    parent run gets the DVC hashes of prompts, pairs and labels (computed here for an
+    artifact that arrives without one) and the Label Studio ids, which the later steps copy
+    onto the models they register.
     """
     from unifl.tracking.lineage import lineage_tags
     from unifl.tracking.runs import attach_run
@@ -527,6 +528,11 @@ def lineage_step(
         metrics = output.metrics(output.path)
         summary.update({f"{output.stage}/{name}": value for name, value in metrics.items()})
         md5 = output.metadata.get("dvc_md5")
+        if output.dvc_name and not md5:
+            # An imported artifact (the train pipeline's pairs and prompts) arrives without the
+            # metadata of the run that wrote it. DVC's directory hash depends only on the
+            # content, so hashing it again gives the version the collect run recorded.
+            md5 = dvc_track(output.path).md5
         if output.dvc_name and md5:
             dvc_hashes[output.dvc_name] = str(md5)
         project_id = output.metadata.get("project_id", project_id)
