@@ -118,6 +118,7 @@ def test_collect_then_annotate_then_train(
     push_run = next(run for run in collected if "tasks_imported" in run.data.metrics)
     assert push_run.data.metrics["tasks_imported"] == len(rows)
     assert push_run.data.tags["unifl.lineage.label_studio.project_id"] == str(project_id)
+    assert collect_parent.data.tags["unifl.lineage.label_studio.project_id"] == str(project_id)
     assert not mlflow.search_registered_models(f"name = '{params.tracking.registered_model}'")
 
     # 2. People annotate (simulated, through the API). Every task but the last gets two

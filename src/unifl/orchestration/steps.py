@@ -455,6 +455,12 @@ def push_step(params: Params | str, pairs_dir: str | Path, parent_run_id: str = 
         if run is not None:
             run.log_metrics(metrics)
             run.log_lineage(label_studio_project_id=report.project_id)
+    if parent_run_id:
+        # The lineage step has run before the push: the project id goes onto the parent here.
+        from unifl.tracking.lineage import lineage_tags
+        from unifl.tracking.runs import attach_run
+
+        attach_run(params, parent_run_id).set_tags(lineage_tags(None, report.project_id))
     return StepResult(
         metrics=metrics,
         metadata={"project_id": report.project_id, "url": client.url},
