@@ -199,9 +199,9 @@ class AdversarialTrainer(FeedbackTrainer):
         logs.update({"t": grad_step, "timestep": sample.timestep})
         return StepOutput(loss, logs)
 
-    def export(self) -> ExportedModel:
+    def export(self, keep_model: bool = False) -> ExportedModel:
         """The model and LoRA as every stage writes them, plus `out_dir/discriminator`."""
-        exported = super().export()
+        exported = super().export(keep_model)
         directory = self.out_dir / DISCRIMINATOR_DIR
         if self.accelerator.is_main_process:
             self.accelerator.unwrap_model(self.group("discriminator").prepared).save(directory)

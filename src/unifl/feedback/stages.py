@@ -281,17 +281,12 @@ def run_adversarial(
         progress=progress,
     )
     summary = trainer.train()
-    exported = trainer.export()
-    check: dict[str, float] = {}
     count = min(params.adversarial.eval_prompts, len(images))
-    # Every process takes part in gathering the tuned UNet; the main process gets it.
-    unet = trainer.export_unet() if count else None
-    if unet is not None:
-        import dataclasses
-
-        tuned = dataclasses.replace(trainer.model, unet=unet)
+    exported = trainer.export(keep_model=count > 0)
+    check: dict[str, float] = {}
+    if exported.model is not None:
         prompts = [str(images[i]["caption"]) for i in range(count)]
-        check = trainer.few_step_check(tuned, prompts)
+        check = trainer.few_step_check(exported.model, prompts)
     inputs = {"base": str(base), "data": str(data), "reward": str(reward)}
     return finish(
         trainer,

@@ -509,6 +509,8 @@ class ExportedModel:
     model_dir: Path
     lora_dir: Path | None
     extra: dict[str, Path] = field(default_factory=dict)
+    model: BaseModel | None = None
+    """The exported model in memory, when `export(keep_model=True)` asked for it (main process)."""
 
 
 def move_module(
@@ -1267,17 +1269,6 @@ class FeedbackTrainer:
         unet.eval()
         return unet
 
-    def export_unet(self) -> nn.Module | None:
-        """The tuned UNet as a plain fp32 `UNet2DConditionModel` (LoRA merged, EMA applied).
-
-        On the main process; the others get None. Under FSDP every process must
-        call it (the gather is a collective); replicated (DDP) processes hold
-        whole parameters and gather nothing, so there the main process may call
-        it alone.
-        """
-        tuned = self._tuned_copy()
-        return None if tuned is None else self._merged(tuned)
-
     def _save_lora(self, tuned: nn.Module, directory: Path) -> None:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
@@ -1297,19 +1288,28 @@ class FeedbackTrainer:
                 unet_lora_adapter_metadata=tuned.peft_config["default"].to_dict(),
             )
 
-    def export(self) -> ExportedModel:
-        """Write `out_dir/model` (diffusers directory) and `out_dir/lora` (adapter, with LoRA)."""
+    def export(self, keep_model: bool = False) -> ExportedModel:
+        """Write `out_dir/model` (diffusers directory) and `out_dir/lora` (adapter, with LoRA).
+
+        The tuned UNet is a plain fp32 `UNet2DConditionModel`: LoRA merged, EMA
+        applied. Every process must call this (under FSDP gathering the shards is
+        a collective); the main process writes. `keep_model` also returns the
+        exported model in memory on the main process, for a check that samples it.
+        """
         self._prepare()
         model_dir = self.out_dir / MODEL_DIR
         lora_dir = self.out_dir / LORA_DIR if self.config.use_lora else None
-        tuned = self._tuned_copy()  # on every process: gathering shards is a collective
+        exported = None
+        tuned = self._tuned_copy()
         if tuned is not None:
             if lora_dir is not None:
                 self._save_lora(tuned, lora_dir)
             exported = dataclasses.replace(self.model, unet=self._merged(tuned))
             save_base_model(exported, model_dir)
         self.accelerator.wait_for_everyone()
-        return ExportedModel(model_dir=model_dir, lora_dir=lora_dir)
+        return ExportedModel(
+            model_dir=model_dir, lora_dir=lora_dir, model=exported if keep_model else None
+        )
 
     def write_history(self) -> None:
         if self.accelerator.is_main_process:
