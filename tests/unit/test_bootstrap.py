@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -64,3 +65,86 @@ def test_cli_prints_the_summary_of_a_cached_bootstrap(ci_bootstrap):
     assert out.exit_code == 0, out.output
     assert "toy bootstrap (cached)" in out.output
     assert "caption_match_base_20_steps" in out.output
+
+
+def test_segmenter_trains_alike_in_a_side_process(tmp_path):
+    """The bootstrap trains the segmenter in a spawned process on a spare core: same weights."""
+    from safetensors.torch import load_file
+
+    from unifl.toy.bootstrap import _side_process, _train_and_save_segmenter
+    from unifl.toy.dataset import generate_toy_batch
+
+    batch = generate_toy_batch(8, seed=3, resolution=32)
+    job = dict(
+        images=batch.image_tensor(),
+        semantic_masks=batch.semantic_tensor(),
+        steps=3,
+        batch_size=4,
+        seed=5,
+        num_threads=1,
+        progress=False,
+    )
+    results = {}
+    for parallel in (True, False):
+        with _side_process(parallel) as side:
+            done = side.submit(_train_and_save_segmenter, out_dir=tmp_path / str(parallel), **job)
+            results[parallel] = done.result()
+    assert results[True]["steps"] == results[False]["steps"] == 3
+    assert results[True]["final_loss"] == results[False]["final_loss"]
+    weights = {p: load_file(next((tmp_path / str(p)).glob("*.safetensors"))) for p in results}
+    assert weights[True].keys() == weights[False].keys()
+    for name, tensor in weights[True].items():
+        assert torch.equal(tensor, weights[False][name]), name
+
+
+def test_unet_trained_by_two_processes_equals_one_process_on_the_whole_batch(tmp_path):
+    """Data-parallel bootstrap training: each process takes half of every batch, gradients averaged."""
+    from unifl.models.base import save_base_model
+    from unifl.models.toy_presets import build_toy_model
+    from unifl.toy.bootstrap import train_denoiser, train_denoiser_in_processes
+    from unifl.toy.dataset import generate_toy_batch
+
+    batch = generate_toy_batch(12, seed=4, resolution=32)
+    images = batch.image_tensor()
+    training = dict(steps=4, batch_size=4, learning_rate=1e-3, caption_dropout=0.25, seed=9)
+    model = build_toy_model("toy-sd15", seed=2)
+    save_base_model(model, tmp_path / "base")
+
+    two = train_denoiser_in_processes(
+        tmp_path / "base", images, batch.captions, 2, 1, progress=False, **training
+    )
+    one = train_denoiser(model, images, batch.captions, progress=False, **training)
+    assert two["unet_loss"] == pytest.approx(one["unet_loss"], rel=1e-5)
+
+    def flat(*modules):
+        return torch.cat([p.detach().reshape(-1) for m in modules for p in m.parameters()])
+
+    trained = load_base_model(tmp_path / "base")
+    initial = build_toy_model("toy-sd15", seed=2)
+    expected = flat(model.unet, model.text_encoder)
+    update = expected - flat(initial.unet, initial.text_encoder)
+    difference = (flat(trained.unet, trained.text_encoder) - expected).abs()
+    assert update.abs().max() > 1e-3  # four AdamW steps at lr 1e-3 moved the weights
+    # AdamW turns the float-order noise of a near-zero gradient into a visible step,
+    # so a few elements differ a little; a wrong split or a missing reduction moves all.
+    assert difference.max() < 0.05 * update.abs().max()
+    assert (difference > 1e-6).float().mean() < 1e-3
+
+
+def test_training_processes_follow_cores_threads_and_batch():
+    from unittest import mock
+
+    from unifl.toy.bootstrap import training_processes
+
+    def processes(cores, **overrides):
+        sets = [f"{key}={value}" for key, value in overrides.items()]
+        with mock.patch("os.cpu_count", return_value=cores):
+            return training_processes(load_params(None, overrides=sets))
+
+    assert processes(2) == 2  # params.yaml: one thread each, batch 32
+    assert processes(1) == 1
+    assert processes(16) == 2  # at least 16 samples of a batch each
+    assert processes(16, **{"bootstrap.batch_size": 48}) == 3
+    assert processes(8, **{"project.num_threads": 4}) == 2
+    assert processes(8, **{"project.num_threads": "null"}) == 1
+    assert processes(2, **{"bootstrap.batch_size": 16}) == 1

@@ -22,8 +22,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import multiprocessing
+import os
 import textwrap
 import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +80,8 @@ def bootstrap_config(params: Params) -> dict[str, Any]:
         "seed": params.project.seed,
         "toy": params.toy.model_dump(mode="json"),
         "bootstrap": params.bootstrap.model_dump(mode="json", exclude={"cache_dir"}),
+        # Processes sum gradients in another order than one process: other bits.
+        "processes": training_processes(params),
     }
 
 
@@ -206,10 +212,25 @@ def train_denoiser(
     caption_dropout: float,
     seed: int,
     progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, float]:
-    """Train the UNet and text encoder(s) with the noise-prediction objective."""
+    """Train the UNet and text encoder(s) with the noise-prediction objective.
+
+    With `world_size > 1` (inside an initialised process group) each process
+    computes the loss on its share of every batch and the gradients are
+    averaged: every process draws the random numbers of the whole batch, so
+    the update is that of one process on the whole batch (up to float
+    summation order).
+    """
     from unifl.models.base import encode_prompt, predict_noise
 
+    if batch_size % world_size:
+        raise ValueError(
+            f"bootstrap.batch_size ({batch_size}) must be divisible by the {world_size} "
+            "training processes"
+        )
+    share = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
     generator = torch.Generator().manual_seed(seed)
     means, stds = encode_dataset(model.vae, images)
     scale = float(model.vae.config.scaling_factor)
@@ -241,24 +262,177 @@ def train_denoiser(
             "" if dropped else captions[i]
             for i, dropped in zip(index.tolist(), drop.tolist(), strict=True)
         ]
-        embeds = encode_prompt(model, batch_captions)
-        loss = F.mse_loss(predict_noise(model, noisy, timesteps, embeds), noise)
+        embeds = encode_prompt(model, batch_captions[share])
+        prediction = predict_noise(model, noisy[share], timesteps[share], embeds)
+        loss = F.mse_loss(prediction, noise[share])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        value = loss.item() if world_size == 1 else _average_gradients(parameters, loss)
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
-        loss_ema = loss.item() if math.isnan(loss_ema) else 0.98 * loss_ema + 0.02 * loss.item()
+        loss_ema = value if math.isnan(loss_ema) else 0.98 * loss_ema + 0.02 * value
         bar.set_postfix(loss=f"{loss_ema:.4f}")
     for module in trainable:
         module.eval().requires_grad_(False)
     return {"unet_loss": loss_ema}
 
 
-def _peak_rss_gib() -> float:
+def _average_gradients(parameters: list[torch.nn.Parameter], loss: torch.Tensor) -> float:
+    """Average the gradients and the loss over the process group in one all-reduce."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([*(g.reshape(-1) for g in grads), loss.detach().reshape(1)])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for parameter, grad in zip(parameters, grads, strict=True):
+        parameter.grad = flat[offset : offset + grad.numel()].view_as(parameter)
+        offset += grad.numel()
+    return float(flat[-1])
+
+
+def train_denoiser_in_processes(
+    model_dir: Path,
+    images: torch.Tensor,
+    captions: list[str],
+    processes: int,
+    num_threads: int | None,
+    progress: bool = True,
+    **training: Any,
+) -> dict[str, float]:
+    """`train_denoiser` on `processes` CPU processes (gloo) for the model saved in `model_dir`.
+
+    Every process loads the model from `model_dir`; the first writes the
+    trained one back there. `training` takes `train_denoiser`'s other arguments.
+    """
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="unifl-unet-") as scratch:
+        metrics_path = Path(scratch) / "metrics.json"
+        mp.spawn(
+            _denoiser_process,
+            args=(processes, Path(scratch) / "rendezvous", model_dir, metrics_path,
+                  images, captions, num_threads, progress, training),
+            nprocs=processes,
+            join=True,
+        )  # fmt: skip
+        return json.loads(metrics_path.read_text())
+
+
+def _denoiser_process(
+    rank: int,
+    processes: int,
+    rendezvous: Path,
+    model_dir: Path,
+    metrics_path: Path,
+    images: torch.Tensor,
+    captions: list[str],
+    num_threads: int | None,
+    progress: bool,
+    training: dict[str, Any],
+) -> None:
+    import torch.distributed as dist
+
+    from unifl.models.base import load_base_model, save_base_model
+
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=processes
+    )
+    try:
+        model = load_base_model(model_dir)
+        metrics = train_denoiser(
+            model,
+            images,
+            captions,
+            progress=progress and rank == 0,
+            rank=rank,
+            world_size=processes,
+            **training,
+        )
+        if rank == 0:
+            save_base_model(model, model_dir)
+            write_json(metrics_path, metrics)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train_and_save_segmenter(
+    out_dir: Path, num_threads: int | None, **training: Any
+) -> dict[str, float]:
+    """Train the toy segmenter and save it to `out_dir`; its metrics (run in a side process)."""
+    from unifl.models.segmenter import train_segmenter
+
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    segmenter, metrics = train_segmenter(**training)
+    segmenter.save(out_dir)
+    return {key: float(value) for key, value in metrics.items()}
+
+
+MIN_SAMPLES_PER_PROCESS = 16
+"""A process's smallest share of a UNet batch: below it the toy UNet's step is all overhead."""
+
+
+def training_processes(params: Params) -> int:
+    """How many processes train the toy UNet together (and train VAE and segmenter side by side).
+
+    One per `project.num_threads` cores, no more than leave each
+    `MIN_SAMPLES_PER_PROCESS` samples of a batch, and a divisor of the batch
+    size; one when `num_threads` is None (torch then takes every core itself).
+    """
+    threads = params.project.num_threads
+    if threads is None:
+        return 1
+    batch_size = params.bootstrap.batch_size
+    limit = min((os.cpu_count() or 1) // threads, batch_size // MIN_SAMPLES_PER_PROCESS)
+    return max(n for n in range(1, max(1, limit) + 1) if batch_size % n == 0)
+
+
+@contextmanager
+def _side_process(parallel: bool):
+    """An executor of one worker: a spawned process when `parallel`, else this process.
+
+    Either way `submit(...).result()` gives the same outcome (the jobs are
+    deterministic for their seed); only the wall time differs.
+    """
+    if not parallel:
+        yield _Deferred()
+        return
+    with ProcessPoolExecutor(
+        max_workers=1, mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
+        yield pool
+
+
+class _Deferred:
+    """`submit` that runs the job in this process when its result is asked for, so the
+    serial case stays serial: no two trainings compete for one core."""
+
+    def submit(self, fn, /, **kwargs):
+        return _DeferredResult(fn, kwargs)
+
+
+@dataclass
+class _DeferredResult:
+    fn: Any
+    kwargs: dict[str, Any]
+
+    def result(self):
+        return self.fn(**self.kwargs)
+
+
+def _peak_rss_gib(who: str = "self") -> float:
+    """Peak resident memory of this process, or of its largest finished child process."""
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    scope = resource.RUSAGE_SELF if who == "self" else resource.RUSAGE_CHILDREN
+    return resource.getrusage(scope).ru_maxrss / 2**20
 
 
 def bootstrap_toy_world(
@@ -288,9 +462,9 @@ def bootstrap_toy_world(
 
 
 def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResult:
-    from unifl.models.base import save_base_model
+    from unifl.models.base import load_base_model, save_base_model
     from unifl.models.sampler import generate
-    from unifl.models.segmenter import train_segmenter
+    from unifl.models.segmenter import ToySegmenter
     from unifl.models.toy_presets import build_toy_model
     from unifl.toy.caption_match import caption_match
     from unifl.toy.dataset import generate_toy_batch, write_toy_dataset
@@ -320,54 +494,76 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
         images = train.image_tensor()
         timings["data_s"] = time.perf_counter() - clock
 
-        clock = time.perf_counter()
-        segmenter, segmenter_metrics = train_segmenter(
-            images,
-            train.semantic_tensor(),
+        processes = training_processes(params)
+        parallel = processes > 1
+        segmenter_job = dict(
+            images=images,
+            semantic_masks=train.semantic_tensor(),
+            eval_images=evaluation.image_tensor(),
+            eval_masks=evaluation.semantic_tensor(),
             steps=boot.segmenter_steps,
             batch_size=boot.batch_size,
             seed=seed,
-            progress=progress,
-            eval_images=evaluation.image_tensor(),
-            eval_masks=evaluation.semantic_tensor(),
+            out_dir=tmp / "segmenter",
+            num_threads=params.project.num_threads,
+            # Two progress bars at once would garble each other: the side process shows none.
+            progress=progress and not parallel,
         )
-        segmenter.save(tmp / "segmenter")
-        metrics.update({f"segmenter_{k}": float(v) for k, v in segmenter_metrics.items()})
-        timings["segmenter_s"] = time.perf_counter() - clock
-
-        model = build_toy_model(f"toy-{boot.family}", resolution=toy.resolution, seed=seed)
-        clock = time.perf_counter()
-        metrics.update(
-            train_vae(
-                model.vae,
-                images,
-                boot.vae_steps,
-                boot.batch_size,
-                boot.learning_rate,
-                boot.vae_kl_weight,
-                seed,
-                progress,
+        # The segmenter is independent of the base model: on a spare core it trains
+        # in its own process while the VAE and the UNet train here.
+        with _side_process(parallel) as side:
+            segmenter_done = side.submit(_train_and_save_segmenter, **segmenter_job)
+            model = build_toy_model(f"toy-{boot.family}", resolution=toy.resolution, seed=seed)
+            clock = time.perf_counter()
+            metrics.update(
+                train_vae(
+                    model.vae,
+                    images,
+                    boot.vae_steps,
+                    boot.batch_size,
+                    boot.learning_rate,
+                    boot.vae_kl_weight,
+                    seed,
+                    progress,
+                )
             )
-        )
-        metrics["vae_scaling_factor"] = calibrate_latent_scale(model.vae, images)
-        timings["vae_s"] = time.perf_counter() - clock
+            metrics["vae_scaling_factor"] = calibrate_latent_scale(model.vae, images)
+            timings["vae_s"] = time.perf_counter() - clock
+
+            # The UNet's processes take every core: the segmenter must be done first.
+            segmenter_metrics = segmenter_done.result()
 
         clock = time.perf_counter()
-        metrics.update(
-            train_denoiser(
-                model,
-                images,
-                train.captions,
-                boot.unet_steps,
-                boot.batch_size,
-                boot.learning_rate,
-                boot.caption_dropout,
-                seed,
-                progress,
-            )
+        training = dict(
+            steps=boot.unet_steps,
+            batch_size=boot.batch_size,
+            learning_rate=boot.learning_rate,
+            caption_dropout=boot.caption_dropout,
+            seed=seed,
         )
+        if processes == 1:
+            metrics.update(
+                train_denoiser(model, images, train.captions, progress=progress, **training)
+            )
+            save_base_model(model, tmp / "base")
+        else:
+            save_base_model(model, tmp / "base")
+            metrics.update(
+                train_denoiser_in_processes(
+                    tmp / "base",
+                    images,
+                    train.captions,
+                    processes,
+                    params.project.num_threads,
+                    progress,
+                    **training,
+                )
+            )
+            model = load_base_model(tmp / "base")
         timings["unet_s"] = time.perf_counter() - clock
-        save_base_model(model, tmp / "base")
+        timings["segmenter_s"] = segmenter_metrics["seconds"]
+        metrics.update({f"segmenter_{k}": float(v) for k, v in segmenter_metrics.items()})
+        segmenter = ToySegmenter.load(tmp / "segmenter")
 
         clock = time.perf_counter()
         real = caption_match(segmenter, evaluation.image_tensor(), evaluation.captions)
@@ -398,6 +594,9 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
             "metrics": metrics,
             "timings": timings,
             "peak_rss_gib": _peak_rss_gib(),
+            # The UNet's and the segmenter's worker processes, each on its own.
+            "peak_rss_child_gib": _peak_rss_gib("children"),
+            "processes": processes,
             "torch": torch.__version__,
         }
         write_json(tmp / MANIFEST_NAME, manifest)
@@ -442,4 +641,9 @@ def summary_lines(result: BootstrapResult) -> list[str]:
     for key, value in manifest["timings"].items():
         lines.append(f"  time {key:<23} {value:.1f}")
     lines.append(f"  peak memory (GiB)             {manifest['peak_rss_gib']:.2f}")
+    if manifest.get("processes", 1) > 1:
+        lines.append(
+            f"  UNet trained by {manifest['processes']} processes, each at most "
+            f"{manifest['peak_rss_child_gib']:.2f} GiB"
+        )
     return lines
