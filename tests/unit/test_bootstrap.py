@@ -138,7 +138,7 @@ def test_training_processes_follow_cores_threads_and_batch():
 
     def processes(cores, **overrides):
         sets = [f"{key}={value}" for key, value in overrides.items()]
-        with mock.patch("os.cpu_count", return_value=cores):
+        with mock.patch("unifl.toy.bootstrap.available_cores", return_value=cores):
             return training_processes(load_params(None, overrides=sets))
 
     assert processes(2) == 2  # params.yaml: one thread each, batch 32

@@ -15,6 +15,14 @@ Training recipe (plain, as SD was pre-trained):
 3. UNet and text encoder(s): noise-prediction MSE at uniform random timesteps
    of the 1000-step training schedule, captions dropped to "" with probability
    `caption_dropout` so classifier-free guidance works.
+
+Cores (`training_processes`): the toy models run fastest on one torch thread
+per process, so with `project.num_threads: 1` on a machine of two or more
+cores the segmenter trains in a side process while the VAE trains, and the
+UNet then trains data-parallel over gloo, each process taking its share of
+every batch (at least `MIN_SAMPLES_PER_PROCESS` samples). The result equals
+one process's on the whole batch up to float summation order; the process
+count is part of the cache key because it changes the bits.
 """
 
 from __future__ import annotations
@@ -379,6 +387,13 @@ MIN_SAMPLES_PER_PROCESS = 16
 """A process's smallest share of a UNet batch: below it the toy UNet's step is all overhead."""
 
 
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the system tells it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def training_processes(params: Params) -> int:
     """How many processes train the toy UNet together (and train VAE and segmenter side by side).
 
@@ -390,7 +405,7 @@ def training_processes(params: Params) -> int:
     if threads is None:
         return 1
     batch_size = params.bootstrap.batch_size
-    limit = min((os.cpu_count() or 1) // threads, batch_size // MIN_SAMPLES_PER_PROCESS)
+    limit = min(available_cores() // threads, batch_size // MIN_SAMPLES_PER_PROCESS)
     return max(n for n in range(1, max(1, limit) + 1) if batch_size % n == 0)
 
 
