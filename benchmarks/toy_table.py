@@ -11,6 +11,7 @@ claims, against the spread over seeds, and says for each whether it holds.
 
     python benchmarks/toy_table.py                      # params.yaml, seeds 0 1 2
     python benchmarks/toy_table.py --preset ci --seeds 0 1   # a quick smoke run
+    python benchmarks/toy_table.py --jobs 2             # two seeds at a time (one per core)
 
 Outputs (tables as Markdown and JSON, every stage's outputs and sample grids)
 go to `--out` (default runs/toy_table).
@@ -110,6 +111,22 @@ def evaluate(params: Params, boot, reward: Path, model_dir: Path, out: Path) -> 
     return {k: float(v) for k, v in result.summary.items() if isinstance(v, int | float)}
 
 
+def run_seed(params: Params, boot, data: dict[str, Path], out: Path, seed: int) -> dict:
+    """The three stages and the four evaluations of one seed: {model: summary}."""
+    from unifl.models.precision import apply_num_threads
+
+    apply_num_threads(params.project)  # also in a worker process of --jobs
+    seeded = with_seed(params, seed)
+    run_dir = out / f"seed-{seed}"
+    models = train_stages(seeded, boot, data, run_dir)
+    return {
+        model: evaluate(
+            seeded, boot, data["reward"], model_dir, run_dir / f"eval-{model.strip('+')}"
+        )
+        for model, model_dir in models.items()
+    }
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     if not values:
         return float("nan"), float("nan")
@@ -186,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/toy_table"))
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="seeds trained side by side, one process each"
+    )
     args = parser.parse_args(argv)
 
     from unifl.models.precision import apply_num_threads
@@ -197,13 +217,18 @@ def main(argv: list[str] | None = None) -> int:
     boot = bootstrap_toy_world(params)
     data = build_data(params, boot, args.out)
     results: dict[str, list[dict[str, float]]] = {model: [] for model in MODELS}
-    for seed in args.seeds:
-        seeded = with_seed(params, seed)
-        run_dir = args.out / f"seed-{seed}"
-        models = train_stages(seeded, boot, data, run_dir)
-        for model, model_dir in models.items():
-            name = model.strip("+")
-            summary = evaluate(seeded, boot, data["reward"], model_dir, run_dir / f"eval-{name}")
+    jobs = [(params, boot, data, args.out, seed) for seed in args.seeds]
+    if args.jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=spawn) as pool:
+            per_seed = list(pool.map(run_seed, *zip(*jobs, strict=True)))
+    else:
+        per_seed = [run_seed(*job) for job in jobs]
+    for summaries in per_seed:
+        for model, summary in summaries.items():
             results[model].append(summary)
 
     report = [
