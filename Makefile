@@ -19,11 +19,14 @@ export OMP_WAIT_POLICY := PASSIVE
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 
-# torch goes first, pinned, so that no CUDA build is pulled by a range elsewhere.
-$(STAMP): $(BIN)/python pyproject.toml
+# torch goes first, pinned, so that no CUDA build is pulled by a range elsewhere. The rest
+# installs at the versions of requirements/constraints.txt (torch aside: TORCH chooses it),
+# so that a fresh machine gets the environment the images and the tests were checked with.
+$(STAMP): $(BIN)/python pyproject.toml requirements/constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	grep -v '^torch==' requirements/constraints.txt > $(VENV)/constraints.txt
+	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
