@@ -10,7 +10,8 @@ from unifl.config import ConfigError, Params, describe_params, load_params, pars
 def test_params_yaml_loads_and_every_section_is_typed():
     params = load_params("params.yaml")
     assert isinstance(params, Params)
-    assert params.pefl.start_step == 10  # the paper's T_a
+    assert Params().pefl.start_step == 10  # the paper's T_a is the default
+    assert params.pefl.start_step == 5  # params.yaml sets the toy world's (see its comment)
     assert params.curate.tau1 == 1
 
 
