@@ -132,19 +132,26 @@ def test_unet_trained_by_two_processes_equals_one_process_on_the_whole_batch(tmp
 
 
 def test_training_processes_follow_cores_threads_and_batch():
+    """Process count: cores / threads, at least 32 samples a process, a divisor of the batch."""
     from unittest import mock
 
-    from unifl.toy.bootstrap import training_processes
+    from unifl.toy.bootstrap import process_slots, training_processes
 
-    def processes(cores, **overrides):
+    def processes(cores, count=training_processes, **overrides):
         sets = [f"{key}={value}" for key, value in overrides.items()]
         with mock.patch("unifl.toy.bootstrap.available_cores", return_value=cores):
-            return training_processes(load_params(None, overrides=sets))
+            return count(load_params(None, overrides=sets))
 
-    assert processes(2) == 2  # params.yaml: one thread each, batch 32
-    assert processes(1) == 1
-    assert processes(16) == 2  # at least 16 samples of a batch each
-    assert processes(16, **{"bootstrap.batch_size": 48}) == 3
-    assert processes(8, **{"project.num_threads": 4}) == 2
-    assert processes(8, **{"project.num_threads": "null"}) == 1
-    assert processes(2, **{"bootstrap.batch_size": 16}) == 1
+    # The segmenter takes a side process wherever a second slot exists.
+    assert processes(2, process_slots) == 2
+    assert processes(1, process_slots) == 1
+    assert processes(2, process_slots, **{"project.num_threads": "null"}) == 1
+
+    assert processes(2) == 1  # the defaults: batch 32, one thread each
+    assert processes(2, **{"bootstrap.batch_size": 64}) == 2
+    assert processes(1, **{"bootstrap.batch_size": 64}) == 1
+    assert processes(16, **{"bootstrap.batch_size": 64}) == 2  # at least 32 samples each
+    assert processes(16, **{"bootstrap.batch_size": 96}) == 3
+    assert processes(16, **{"bootstrap.batch_size": 80}) == 2  # a divisor of the batch
+    assert processes(8, **{"bootstrap.batch_size": 128, "project.num_threads": 4}) == 2
+    assert processes(8, **{"bootstrap.batch_size": 128, "project.num_threads": "null"}) == 1

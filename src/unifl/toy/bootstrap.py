@@ -16,13 +16,14 @@ Training recipe (plain, as SD was pre-trained):
    of the 1000-step training schedule, captions dropped to "" with probability
    `caption_dropout` so classifier-free guidance works.
 
-Cores (`training_processes`): the toy models run fastest on one torch thread
-per process, so with `project.num_threads: 1` on a machine of two or more
-cores the segmenter trains in a side process while the VAE trains, and the
-UNet then trains data-parallel over gloo, each process taking its share of
-every batch (at least `MIN_SAMPLES_PER_PROCESS` samples). The result equals
-one process's on the whole batch up to float summation order; the process
-count is part of the cache key because it changes the bits.
+Cores: the toy models run fastest on one torch thread per process, so with
+`project.num_threads: 1` on a machine of two or more cores the segmenter
+trains in a side process while the VAE trains (`process_slots`), and a UNet
+batch of at least two `MIN_SAMPLES_PER_PROCESS` shares trains data-parallel
+over gloo (`training_processes`; the default batch of 32 trains in one
+process). Data-parallel training equals one process's on the whole batch up
+to float summation order; the process count is part of the cache key because
+it changes the bits.
 """
 
 from __future__ import annotations
@@ -383,8 +384,10 @@ def _train_and_save_segmenter(
     return {key: float(value) for key, value in metrics.items()}
 
 
-MIN_SAMPLES_PER_PROCESS = 16
-"""A process's smallest share of a UNet batch: below it the toy UNet's step is all overhead."""
+MIN_SAMPLES_PER_PROCESS = 32
+"""A process's smallest share of a UNet batch. The toy UNet's step is overhead-bound below
+it: on one thread a step of 16 samples took as long as one of 32 (about 0.2 s), so two
+processes of 16 trained no faster than one of 32."""
 
 
 def available_cores() -> int:
@@ -394,18 +397,23 @@ def available_cores() -> int:
     return os.cpu_count() or 1
 
 
-def training_processes(params: Params) -> int:
-    """How many processes train the toy UNet together (and train VAE and segmenter side by side).
+def process_slots(params: Params) -> int:
+    """How many processes of `project.num_threads` threads the cores hold side by side.
 
-    One per `project.num_threads` cores, no more than leave each
-    `MIN_SAMPLES_PER_PROCESS` samples of a batch, and a divisor of the batch
-    size; one when `num_threads` is None (torch then takes every core itself).
+    One when `num_threads` is None: torch then takes every core in one process.
     """
     threads = params.project.num_threads
-    if threads is None:
-        return 1
+    return 1 if threads is None else max(1, available_cores() // threads)
+
+
+def training_processes(params: Params) -> int:
+    """How many processes train the toy UNet together.
+
+    One per process slot, no more than leave each `MIN_SAMPLES_PER_PROCESS`
+    samples of a batch, and a divisor of the batch size.
+    """
     batch_size = params.bootstrap.batch_size
-    limit = min(available_cores() // threads, batch_size // MIN_SAMPLES_PER_PROCESS)
+    limit = min(process_slots(params), batch_size // MIN_SAMPLES_PER_PROCESS)
     return max(n for n in range(1, max(1, limit) + 1) if batch_size % n == 0)
 
 
@@ -510,7 +518,7 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
         timings["data_s"] = time.perf_counter() - clock
 
         processes = training_processes(params)
-        parallel = processes > 1
+        parallel = process_slots(params) > 1
         segmenter_job = dict(
             images=images,
             semantic_masks=train.semantic_tensor(),
@@ -545,7 +553,7 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
             metrics["vae_scaling_factor"] = calibrate_latent_scale(model.vae, images)
             timings["vae_s"] = time.perf_counter() - clock
 
-            # The UNet's processes take every core: the segmenter must be done first.
+            # The segmenter must be done before the UNet's processes take the cores.
             segmenter_metrics = segmenter_done.result()
 
         clock = time.perf_counter()
