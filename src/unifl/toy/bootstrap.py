@@ -533,7 +533,7 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
             progress=progress and not parallel,
         )
         # The segmenter is independent of the base model: on a spare core it trains
-        # in its own process while the VAE and the UNet train here.
+        # in its own process while the VAE trains here.
         with _side_process(parallel) as side:
             segmenter_done = side.submit(_train_and_save_segmenter, **segmenter_job)
             model = build_toy_model(f"toy-{boot.family}", resolution=toy.resolution, seed=seed)
