@@ -10,9 +10,10 @@ step: what the noise destroyed, the model re-invents, and no gradient at the
 last step can bring the real layout back. This measures, on held-out toy
 images, the toy segmenter's PeFL loss and the caption-match of x0' from
 start steps `T_a` (averaged over the gradient steps `0..min(T_a,
-pefl.max_step)` the trainer draws from, with the trainer's guidance), next to the same figures for the real images and for the VAE's
-reconstructions (the floor no UNet can go below), with the noise level
-(`abar`) of each start step. The paper's `T_a = 10` of 20 comes from SD's
+pefl.max_step)` the trainer draws from, with the trainer's guidance), next
+to the same figures for the real images and for the VAE's reconstructions
+(the floor no UNet can go below), with the noise level (`abar`) of each
+start step. The paper's `T_a = 10` of 20 comes from SD's
 64x64 latents; the toy's are 8x8, where the same `abar` leaves less of a
 small object.
 """
@@ -66,17 +67,20 @@ def main(argv: list[str] | None = None) -> int:
     trainer = params.trainer
     schedule = FeedbackSchedule.from_scheduler(model.scheduler, trainer.num_inference_steps)
 
-    def row(name: str, pixels: torch.Tensor) -> str:
-        loss = float(segmenter.loss(pixels, masks))
-        return f"  {name:<34} {loss:10.3f} {caption_match(segmenter, pixels, captions).rate:14.3f}"
+    def scores(pixels: torch.Tensor) -> tuple[float, float]:
+        """PeFL's loss against the real masks, and caption-match against the captions."""
+        return float(segmenter.loss(pixels, masks)), caption_match(segmenter, pixels, captions).rate
+
+    def row(name: str, loss: float, rate: float) -> str:
+        return f"  {name:<34} {loss:10.3f} {rate:14.3f}"
 
     print(f"PeFL's x0 prediction by start step: {count} held-out toy images, {directory}")
     print(f"  {'':<34} {'PeFL loss':>10} {'caption-match':>14}")
     generator = torch.Generator().manual_seed(params.project.seed)
     with torch.no_grad():
         latents = encode_images(model, images)
-        print(row("real images", images))
-        print(row("VAE reconstructions (the floor)", decode_latents(model, latents)))
+        print(row("real images", *scores(images)))
+        print(row("VAE reconstructions (the floor)", *scores(decode_latents(model, latents))))
         embeds = encode_prompt(model, captions)
         uncond = unconditional_embeds(model, count)
         noise = torch.randn(latents.shape, generator=generator)
@@ -86,20 +90,22 @@ def main(argv: list[str] | None = None) -> int:
             # The trainer draws the gradient step uniformly from [0, max_step]: average over them.
             steps = range(min(start, params.pefl.max_step) + 1)
             noisy = noise_latents(latents, noise, schedule.alpha(start))
-            losses, rates = [], []
-            for grad_step in steps:
-                sample = feedback_sample(
-                    model, noisy, schedule, start, grad_step, embeds, uncond,
-                    guidance_scale=trainer.guidance_scale,
-                    grad_guidance_scale=trainer.grad_guidance_scale,
-                )  # fmt: skip
-                losses.append(float(segmenter.loss(sample.images, masks)))
-                rates.append(caption_match(segmenter, sample.images, captions).rate)
+            per_step = [
+                scores(
+                    feedback_sample(
+                        model, noisy, schedule, start, grad_step, embeds, uncond,
+                        guidance_scale=trainer.guidance_scale,
+                        grad_guidance_scale=trainer.grad_guidance_scale,
+                    ).images
+                )
+                for grad_step in steps
+            ]  # fmt: skip
+            losses, rates = zip(*per_step, strict=True)
             name = (
                 f"T_a {start:>2} (t {schedule.timestep(start):>3}, abar "
                 f"{schedule.alpha(start):.2f}), steps 0-{steps[-1]}"
             )
-            print(f"  {name:<34} {sum(losses) / len(losses):10.3f} {sum(rates) / len(rates):14.3f}")
+            print(row(name, sum(losses) / len(losses), sum(rates) / len(rates)))
     return 0
 
 

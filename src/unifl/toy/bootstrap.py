@@ -619,7 +619,6 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
             "peak_rss_gib": _peak_rss_gib(),
             # The UNet's and the segmenter's worker processes, each on its own.
             "peak_rss_child_gib": _peak_rss_gib("children"),
-            "processes": processes,
             "torch": torch.__version__,
         }
         write_json(tmp / MANIFEST_NAME, manifest)
@@ -664,9 +663,10 @@ def summary_lines(result: BootstrapResult) -> list[str]:
     for key, value in manifest["timings"].items():
         lines.append(f"  time {key:<23} {value:.1f}")
     lines.append(f"  peak memory (GiB)             {manifest['peak_rss_gib']:.2f}")
-    if manifest.get("processes", 1) > 1:
+    processes = manifest["config"].get("processes", 1)
+    if processes > 1:
         lines.append(
-            f"  UNet trained by {manifest['processes']} processes, each at most "
+            f"  UNet trained by {processes} processes, each at most "
             f"{manifest['peak_rss_child_gib']:.2f} GiB"
         )
     return lines
