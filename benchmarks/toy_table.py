@@ -83,7 +83,14 @@ def train_stages(params: Params, boot, data: dict[str, Path], out: Path) -> dict
         segmenter=boot.segmenter_dir,
     )
     prompts = list(read_prompts(data["prompts"])["prompt"])
-    decoupled = run_decoupled(params, pefl.model_dir, prompts, data["reward"], out / "decoupled")
+    decoupled = run_decoupled(
+        params,
+        pefl.model_dir,
+        prompts,
+        data["reward"],
+        out / "decoupled",
+        data=boot.train_data_dir,  # real images, for the MSE regulariser (trainer.mse_weight)
+    )
     adversarial = run_adversarial(
         params, decoupled.model_dir, boot.train_data_dir, data["reward"], out / "adversarial"
     )

@@ -73,7 +73,7 @@ class BootstrapConfig(Section):
         ".cache/unifl/toy", description="Bootstrap outputs are cached here by config hash."
     )
     vae_steps: int = Field(600, ge=0, description="Training steps of the toy VAE.")
-    unet_steps: int = Field(3000, ge=0, description="Training steps of the toy UNet.")
+    unet_steps: int = Field(1500, ge=0, description="Training steps of the toy UNet.")
     segmenter_steps: int = Field(400, ge=0, description="Training steps of the toy segmenter.")
     batch_size: int = Field(32, ge=1, description="Batch size of every bootstrap trainer.")
     learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate of the bootstrap.")
@@ -86,6 +86,14 @@ class BootstrapConfig(Section):
     )
     caption_dropout: float = Field(
         0.1, ge=0, lt=1, description="Share of captions replaced by '' so CFG works."
+    )
+    min_snr_gamma: float | None = Field(
+        5.0,
+        gt=0,
+        description="Min-SNR-gamma weighting of the UNet's noise MSE (Hang et al. 2023): a "
+        "timestep's loss weighs min(SNR, gamma) / SNR, so the nearly clean timesteps no longer "
+        "dominate the gradient; none: plain MSE. At 1500 steps it matched the caption-match "
+        "that plain MSE reached at 3000.",
     )
 
 

@@ -106,7 +106,9 @@ def test_unet_trained_by_two_processes_equals_one_process_on_the_whole_batch(tmp
 
     batch = generate_toy_batch(12, seed=4, resolution=32)
     images = batch.image_tensor()
-    training = dict(steps=4, batch_size=4, learning_rate=1e-3, caption_dropout=0.25, seed=9)
+    training = dict(
+        steps=4, batch_size=4, learning_rate=1e-3, caption_dropout=0.25, seed=9, min_snr_gamma=5.0
+    )
     model = build_toy_model("toy-sd15", seed=2)
     save_base_model(model, tmp_path / "base")
 
@@ -129,6 +131,46 @@ def test_unet_trained_by_two_processes_equals_one_process_on_the_whole_batch(tmp
     # so a few elements differ a little; a wrong split or a missing reduction moves all.
     assert difference.max() < 0.05 * update.abs().max()
     assert (difference > 1e-6).float().mean() < 1e-3
+
+
+def test_min_snr_weights_by_hand():
+    """min(SNR, gamma) / SNR: 1 where the timestep is noisier than gamma, gamma / SNR above."""
+    from unifl.toy.bootstrap import min_snr_weights
+
+    alphas = torch.tensor([10 / 11, 2 / 3, 0.5, 0.99])  # SNR 10, 2, 1, 99
+    weights = min_snr_weights(alphas, gamma=5.0)
+    assert weights.tolist() == pytest.approx([0.5, 1.0, 1.0, 5 / 99], rel=1e-6)
+
+
+def test_min_snr_weighting_changes_the_unet_update():
+    """The weighting reaches the loss: the same run without it trains other weights."""
+    from unifl.models.toy_presets import build_toy_model
+    from unifl.toy.bootstrap import train_denoiser
+    from unifl.toy.dataset import generate_toy_batch
+
+    batch = generate_toy_batch(8, seed=4, resolution=32)
+    runs = {}
+    for gamma in (None, 1e9, 1.0):
+        model = build_toy_model("toy-sd15", seed=2)
+        metrics = train_denoiser(
+            model,
+            batch.image_tensor(),
+            batch.captions,
+            3,
+            4,
+            1e-3,
+            0.0,
+            9,
+            min_snr_gamma=gamma,
+            progress=False,
+        )
+        runs[gamma] = (metrics["unet_loss"], model.unet.conv_out.weight.detach().clone())
+    # A gamma above every SNR weighs each sample 1: plain MSE, bit for bit.
+    assert runs[1e9][0] == runs[None][0]
+    assert torch.equal(runs[1e9][1], runs[None][1])
+    # Gamma 1 weighs all timesteps above SNR 1 down, so the loss is smaller.
+    assert runs[1.0][0] < runs[None][0]
+    assert not torch.allclose(runs[1.0][1], runs[None][1])
 
 
 def test_training_processes_follow_cores_threads_and_batch():

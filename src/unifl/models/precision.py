@@ -29,6 +29,22 @@ _MIXED_PRECISION_DTYPES: dict[str, torch.dtype] = {
 }
 
 
+def adamw(parameters, **options) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel per step when every parameter is a float tensor on the CPU
+    or a GPU. The toy models have a few hundred small tensors; the per-tensor loop of the
+    default implementation cost a fifth of a toy UNet step on one CPU thread."""
+    parameters = list(parameters)
+    tensors = [
+        tensor
+        for item in parameters
+        for tensor in (item["params"] if isinstance(item, dict) else [item])
+    ]
+    fused = bool(tensors) and all(
+        tensor.is_floating_point() and tensor.device.type in ("cpu", "cuda") for tensor in tensors
+    )
+    return torch.optim.AdamW(parameters, fused=fused, **options)
+
+
 def apply_num_threads(project: ProjectConfig) -> None:
     """Set torch's CPU thread count of this process to `project.num_threads` (None: leave it)."""
     if project.num_threads is not None and torch.get_num_threads() != project.num_threads:

@@ -41,6 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from unifl.io import atomic_directory, write_json
+from unifl.models.precision import adamw
 from unifl.toy.world import CLASS_NAMES, NUM_SEMANTIC_CLASSES
 
 SEGMENTER_FORMAT = "unifl-toy-segmenter/1"
@@ -411,7 +412,7 @@ def train_segmenter(
         torch.manual_seed(seed)
         model = ToySegmenter(NUM_SEMANTIC_CLASSES, width)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    optimizer = adamw(model.parameters(), lr=lr, weight_decay=1e-4)
     losses: list[float] = []
     model.train()
     started = time.perf_counter()
