@@ -421,7 +421,12 @@ class AdversarialConfig(Section):
 
 
 class EvaluateConfig(Section):
-    num_prompts: int = Field(64, ge=1, description="Evaluation prompts.")
+    num_prompts: int = Field(
+        64,
+        ge=1,
+        description="Evaluation prompts (times `seeds`: the samples). The Frechet distance "
+        "needs clearly more samples than its features have dimensions.",
+    )
     seeds: list[int] = Field(
         default_factory=lambda: [0], min_length=1, description="Seeds per prompt."
     )
