@@ -194,12 +194,15 @@ def direction_checks(results: dict[str, list[dict[str, float]]]) -> list[str]:
         base_20 = statistics.fmean(r[f"{metric}_20steps"] for r in results["base"])
         tuned_4 = statistics.fmean(r[f"{metric}_4steps"] for r in results["+adversarial"])
         gap = (base_20 - base_4) * better
-        closed = (tuned_4 - base_4) * better / gap if gap > 0 else float("nan")
-        lines.append(
+        measured = (
             f"adversarial FL closes the 4-vs-20-step gap in {metric}: base 4 steps {base_4:.3f}, "
-            f"base 20 steps {base_20:.3f}, tuned 4 steps {tuned_4:.3f}: {closed * 100:.0f}% of the "
-            f"gap -> {verdict(closed >= 0.5)}"
+            f"base 20 steps {base_20:.3f}, tuned 4 steps {tuned_4:.3f}: "
         )
+        if gap > 0:
+            closed = (tuned_4 - base_4) * better / gap
+            lines.append(f"{measured}{closed * 100:.0f}% of the gap -> {verdict(closed >= 0.5)}")
+        else:
+            lines.append(f"{measured}no gap: the base model's 4 steps are not worse -> not judged")
     return lines
 
 
