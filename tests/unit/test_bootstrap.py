@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from unifl.cli import app
-from unifl.config import load_params
+from unifl.config import ProjectConfig, load_params
 from unifl.models.base import load_base_model
 from unifl.models.segmenter import ToySegmenter
 from unifl.toy.bootstrap import bootstrap_toy_world, config_hash, load_cached
@@ -81,7 +81,7 @@ def test_segmenter_trains_alike_in_a_side_process(tmp_path):
         steps=3,
         batch_size=4,
         seed=5,
-        num_threads=1,
+        project=ProjectConfig(num_threads=1),
         progress=False,
     )
     results = {}
@@ -113,7 +113,13 @@ def test_unet_trained_by_two_processes_equals_one_process_on_the_whole_batch(tmp
     save_base_model(model, tmp_path / "base")
 
     two = train_denoiser_in_processes(
-        tmp_path / "base", images, batch.captions, 2, 1, progress=False, **training
+        tmp_path / "base",
+        images,
+        batch.captions,
+        2,
+        ProjectConfig(num_threads=1),
+        progress=False,
+        **training,
     )
     one = train_denoiser(model, images, batch.captions, progress=False, **training)
     assert two["unet_loss"] == pytest.approx(one["unet_loss"], rel=1e-5)

@@ -159,6 +159,13 @@ def test_ties(votes, weight):
     assert (row["image_w"], row["image_l"]) == ("images/1_a.png", "images/1_b.png")
     assert row["weight"] == pytest.approx(weight)
     assert result.summary.tie_pairs == 1
+    assert result.summary.tie_pairs_per_dimension == {
+        "color": 0,
+        "layout": 1,
+        "detail": 0,
+        "lighting": 0,
+        "overall": 0,
+    }
     assert result.summary.tie_votes == votes.count("Tie")
     assert majority_outcome(votes) == ("Tie", pytest.approx(weight))
 

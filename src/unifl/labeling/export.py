@@ -72,6 +72,7 @@ class ConversionSummary:
     tie_votes: int = 0
     pairs: int = 0
     tie_pairs: int = 0
+    tie_pairs_per_dimension: dict[str, int] = field(default_factory=dict)
     pairs_dropped_few_votes: int = 0
     min_annotators: int = 1
     votes_per_dimension: dict[str, int] = field(default_factory=dict)
@@ -295,6 +296,7 @@ def votes_to_pairs(
     if votes.empty:
         frame = check_table(empty_table(PAIR_COLUMNS), PAIR_COLUMNS, "pairs")
         summary.pairs = summary.tie_pairs = summary.tasks_dropped_few_votes = 0
+        summary.tie_pairs_per_dimension = dict.fromkeys(VALID_DIMENSIONS, 0)
         return frame, summary
 
     grouped = votes.groupby(keys, sort=False)
@@ -346,6 +348,9 @@ def votes_to_pairs(
     summary.tasks_dropped_few_votes = len(set(all_tasks) - set(frame["task_id"]))
     summary.pairs = len(frame)
     summary.tie_pairs = int(frame["tie"].sum())
+    summary.tie_pairs_per_dimension = {
+        d: int(frame.loc[frame["dimension"] == d, "tie"].sum()) for d in VALID_DIMENSIONS
+    }
     return frame, summary
 
 

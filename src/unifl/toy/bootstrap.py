@@ -50,9 +50,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from unifl.config import Params
+from unifl.config import Params, ProjectConfig
 from unifl.io import atomic_directory, write_json
-from unifl.models.precision import adamw
+from unifl.models.precision import adamw, apply_num_threads
 
 BOOTSTRAP_FORMAT = "unifl-toy-bootstrap/3"
 """Bumped whenever the toy models or their training change, so stale caches are retrained."""
@@ -326,7 +326,7 @@ def train_denoiser_in_processes(
     images: torch.Tensor,
     captions: list[str],
     processes: int,
-    num_threads: int | None,
+    project: ProjectConfig,
     progress: bool = True,
     **training: Any,
 ) -> dict[str, float]:
@@ -344,7 +344,7 @@ def train_denoiser_in_processes(
         mp.spawn(
             _denoiser_process,
             args=(processes, Path(scratch) / "rendezvous", model_dir, metrics_path,
-                  images, captions, num_threads, progress, training),
+                  images, captions, project, progress, training),
             nprocs=processes,
             join=True,
         )  # fmt: skip
@@ -359,7 +359,7 @@ def _denoiser_process(
     metrics_path: Path,
     images: torch.Tensor,
     captions: list[str],
-    num_threads: int | None,
+    project: ProjectConfig,
     progress: bool,
     training: dict[str, Any],
 ) -> None:
@@ -367,8 +367,7 @@ def _denoiser_process(
 
     from unifl.models.base import load_base_model, save_base_model
 
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
+    apply_num_threads(project)
     dist.init_process_group(
         "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=processes
     )
@@ -391,13 +390,12 @@ def _denoiser_process(
 
 
 def _train_and_save_segmenter(
-    out_dir: Path, num_threads: int | None, **training: Any
+    out_dir: Path, project: ProjectConfig, **training: Any
 ) -> dict[str, float]:
     """Train the toy segmenter and save it to `out_dir`; its metrics (run in a side process)."""
     from unifl.models.segmenter import train_segmenter
 
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
+    apply_num_threads(project)
     segmenter, metrics = train_segmenter(**training)
     segmenter.save(out_dir)
     return {key: float(value) for key, value in metrics.items()}
@@ -493,8 +491,6 @@ def bootstrap_toy_world(
     if not force and (cached := load_cached(directory, params)) is not None:
         return cached
 
-    from unifl.models.precision import apply_num_threads
-
     threads = torch.get_num_threads()
     apply_num_threads(params.project)
     try:
@@ -547,7 +543,7 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
             batch_size=boot.batch_size,
             seed=seed,
             out_dir=tmp / "segmenter",
-            num_threads=params.project.num_threads,
+            project=params.project,
             # Two progress bars at once would garble each other: the side process shows none.
             progress=progress and not parallel,
         )
@@ -597,7 +593,7 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
                     images,
                     train.captions,
                     processes,
-                    params.project.num_threads,
+                    params.project,
                     progress,
                     **training,
                 )
