@@ -1,6 +1,7 @@
 """Bootstrap time, peak memory and sample quality of the toy world, against a random-init model.
 
     python benchmarks/toy_bootstrap.py                 # params.yaml defaults (targets: <= 8 min, <= 4 GiB)
+    python benchmarks/toy_bootstrap.py --seeds 0 1 2   # three training seeds, one after the other
     python benchmarks/toy_bootstrap.py --preset ci     # the tiny test preset
 
 Trains the bootstrap from scratch (`--force`) in a child process, into this
@@ -13,7 +14,10 @@ randomly initialised model of the same preset (the baseline: near chance), and
 of the real held-out toy images (the ceiling the segmenter allows) and of their
 reconstructions by the trained VAE (the ceiling the VAE allows). Next to
 each rate it prints its chance level: the same images scored against another
-image's caption.
+image's caption. With several `--seeds` (`project.seed`: the weights' and the
+samples' seed) every seed is trained from scratch and the rates are printed
+per seed and as mean ± std: the spread over seeds is the noise a single
+figure carries.
 """
 
 from __future__ import annotations
@@ -75,29 +79,16 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--preset", default=None)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    args = parser.parse_args(argv)
-
+def measure_rates(params, out: Path) -> dict[str, tuple[float, float]]:
+    """{image set: (caption-match with own captions, with another image's caption)}."""
     import torch
 
-    from unifl.config import load_params
     from unifl.models.base import decode_latents, encode_images, load_base_model
     from unifl.models.sampler import generate
     from unifl.models.segmenter import ToySegmenter
     from unifl.models.toy_presets import build_toy_model
-    from unifl.toy.bootstrap import default_directory
     from unifl.toy.caption_match import caption_match
     from unifl.toy.dataset import load_toy_arrays
-
-    params = load_params(args.params, preset=args.preset, overrides=args.overrides)
-    # The fresh bootstrap replaces this configuration's cache entry, so `make run` reuses it.
-    out = default_directory(params)
-    wall, peak_gib = run_bootstrap(out, args.params, args.preset, args.overrides)
-    manifest = json.loads((out / "manifest.json").read_text())
 
     segmenter = ToySegmenter.load(out / "segmenter")
     evaluation = load_toy_arrays(out / "data" / "eval")
@@ -107,20 +98,21 @@ def main(argv: list[str] | None = None) -> int:
     # (captions rotated by one). Images that show their own caption's objects score far
     # above it; noise that the segmenter reads as scattered shapes scores the same on both.
     rotated = captions[1:] + captions[:1]
-    real = evaluation.image_tensor()
-    rates = {
-        "real held-out images (ceiling)": (
-            caption_match(segmenter, real, captions).rate,
-            caption_match(segmenter, real, rotated).rate,
+
+    def rates_of(images: torch.Tensor) -> tuple[float, float]:
+        return (
+            caption_match(segmenter, images, captions).rate,
+            caption_match(segmenter, images, rotated).rate,
         )
-    }
+
+    real = evaluation.image_tensor()
     trained = load_base_model(out / "base")
     with torch.no_grad():
         reconstructed = decode_latents(trained, encode_images(trained, real))
-    rates["trained VAE's reconstructions of them"] = (
-        caption_match(segmenter, reconstructed, captions).rate,
-        caption_match(segmenter, reconstructed, rotated).rate,
-    )
+    rates = {
+        "real held-out images (ceiling)": rates_of(real),
+        "trained VAE's reconstructions of them": rates_of(reconstructed),
+    }
     models = {
         "trained base model": trained,
         "random-init model (baseline)": build_toy_model(
@@ -136,23 +128,58 @@ def main(argv: list[str] | None = None) -> int:
                 guidance_scale=sampling.guidance_scale,
                 seed=params.project.seed,
             )
-        rates[f"{name}, {sampling.steps} steps"] = (
-            caption_match(segmenter, images, captions).rate,
-            caption_match(segmenter, images, rotated).rate,
-        )
+        rates[f"{name}, {sampling.steps} steps"] = rates_of(images)
+    return rates
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--preset", default=None)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="training seeds (default: project.seed)"
+    )
+    args = parser.parse_args(argv)
+
+    import statistics
+
+    from unifl.config import load_params
+    from unifl.toy.bootstrap import default_directory
+
+    params = load_params(args.params, preset=args.preset, overrides=args.overrides)
+    seeds = args.seeds or [params.project.seed]
+    runs = []
+    for seed in seeds:
+        overrides = [*args.overrides, f"project.seed={seed}"]
+        seeded = load_params(args.params, preset=args.preset, overrides=overrides)
+        # The fresh bootstrap replaces this configuration's cache entry, so `make run` reuses it.
+        out = default_directory(seeded)
+        wall, peak_gib = run_bootstrap(out, args.params, args.preset, overrides)
+        manifest = json.loads((out / "manifest.json").read_text())
+        runs.append((seed, wall, peak_gib, manifest, measure_rates(seeded, out)))
 
     print(f"toy bootstrap from scratch ({args.preset or args.params}), {os.cpu_count()} CPU cores")
-    print(f"  wall time            {wall / 60:6.2f} min   (target <= 8 min)")
-    print(f"  peak memory          {peak_gib:6.2f} GiB   (target <= 4 GiB; all its processes)")
-    print(
-        f"  processes            {manifest['config']['processes']:6d}       (training the UNet together)"
-    )
-    for stage, seconds in manifest["timings"].items():
-        print(f"    {stage:<18} {seconds:7.1f} s")
-    print(f"caption-match on {len(captions)} held-out captions (target: trained >= 0.50)")
-    print(f"  {'':<42} {'own captions':>12} {'chance':>8}")
-    for name, (rate, chance) in rates.items():
-        print(f"  {name:<42} {rate:12.3f} {chance:8.3f}")
+    for seed, wall, peak_gib, manifest, _ in runs:
+        processes = manifest["config"]["processes"]
+        print(f"  seed {seed}")
+        print(f"    wall time          {wall / 60:6.2f} min   (target <= 8 min)")
+        print(f"    peak memory        {peak_gib:6.2f} GiB   (target <= 4 GiB; all its processes)")
+        print(f"    processes          {processes:6d}       (training the UNet together)")
+        for stage, seconds in manifest["timings"].items():
+            print(f"      {stage:<16} {seconds:7.1f} s")
+    captions = params.toy.num_eval
+    print(f"caption-match on {captions} held-out captions (target: trained >= 0.50)")
+    columns = "".join(f"{f'seed {seed}':>14}" for seed, *_ in runs)
+    summary = f"{'mean ± std':>16}" if len(runs) > 1 else ""
+    print(f"  {'':<42}{columns}{summary}   (chance: against another image's caption)")
+    for name in runs[0][4]:
+        values = [rates[name] for *_, rates in runs]
+        cells = "".join(f"{rate:8.3f} ({chance:.3f})" for rate, chance in values)
+        if len(runs) > 1:
+            own = [rate for rate, _ in values]
+            cells += f"  {statistics.fmean(own):.3f} ± {statistics.stdev(own):.3f}"
+        print(f"  {name:<42}{cells}")
     return 0
 
 
