@@ -73,10 +73,28 @@ class BootstrapConfig(Section):
         ".cache/unifl/toy", description="Bootstrap outputs are cached here by config hash."
     )
     vae_steps: int = Field(600, ge=0, description="Training steps of the toy VAE.")
-    unet_steps: int = Field(1500, ge=0, description="Training steps of the toy UNet.")
+    vae_learning_rate: float = Field(
+        5e-3,
+        gt=0,
+        description="AdamW learning rate of the toy VAE (cosine decay after 100 warm-up steps). "
+        "Its reconstructions cap what the base model can show (the VAE row of "
+        "benchmarks/toy_bootstrap.py).",
+    )
+    unet_steps: int = Field(2000, ge=0, description="Training steps of the toy UNet.")
+    unet_batch_size: int = Field(
+        64,
+        ge=1,
+        description="Batch size of the toy UNet. A batch of at least 64 trains data-parallel, "
+        "one process per free core with at least 32 samples each.",
+    )
+    unet_learning_rate: float = Field(
+        2e-3,
+        gt=0,
+        description="AdamW learning rate of the toy UNet and text encoder(s) (cosine decay "
+        "after 200 warm-up steps).",
+    )
     segmenter_steps: int = Field(400, ge=0, description="Training steps of the toy segmenter.")
-    batch_size: int = Field(32, ge=1, description="Batch size of every bootstrap trainer.")
-    learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate of the bootstrap.")
+    batch_size: int = Field(32, ge=1, description="Batch size of the toy VAE and segmenter.")
     vae_kl_weight: float = Field(
         1e-6,
         ge=0,
@@ -87,13 +105,27 @@ class BootstrapConfig(Section):
     caption_dropout: float = Field(
         0.1, ge=0, lt=1, description="Share of captions replaced by '' so CFG works."
     )
+    timestep_sampling: Literal["uniform", "logit_normal"] = Field(
+        "logit_normal",
+        description="How the toy UNet's training timesteps are drawn from the 1000-step schedule: "
+        "'uniform' (as SD was trained) or 'logit_normal', t = 1000 * sigmoid(m + s * n) with n "
+        "standard normal (Esser et al. 2024, SD3), which spends the steps on the middle of the "
+        "schedule, where composition and shapes are decided, and few on the nearly clean and "
+        "nearly pure-noise ends.",
+    )
+    logit_normal_mean: float = Field(
+        0.0, description="m of 'logit_normal' timestep sampling (SD3: 0)."
+    )
+    logit_normal_std: float = Field(
+        1.0, gt=0, description="s of 'logit_normal' timestep sampling (SD3: 1)."
+    )
     min_snr_gamma: float | None = Field(
-        5.0,
+        None,
         gt=0,
         description="Min-SNR-gamma weighting of the UNet's noise MSE (Hang et al. 2023): a "
         "timestep's loss weighs min(SNR, gamma) / SNR, so the nearly clean timesteps no longer "
-        "dominate the gradient; none: plain MSE. At 1500 steps it matched the caption-match "
-        "that plain MSE reached at 3000.",
+        "dominate the gradient; none: plain MSE. Meant for 'uniform' sampling, which draws "
+        "those timesteps as often as any other.",
     )
 
 

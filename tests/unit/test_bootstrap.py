@@ -139,6 +139,30 @@ def test_unet_trained_by_two_processes_equals_one_process_on_the_whole_batch(tmp
     assert (difference > 1e-6).float().mean() < 1e-3
 
 
+def test_timestep_sampling():
+    """Uniform covers the schedule evenly; logit-normal piles up in its middle, by its mean."""
+    from unifl.toy.bootstrap import sample_timesteps
+
+    def draw(sampling, mean=0.0, std=1.0):
+        generator = torch.Generator().manual_seed(0)
+        return sample_timesteps(20000, 1000, generator, sampling, mean, std).float()
+
+    uniform = draw("uniform")
+    assert 0 <= uniform.min() and uniform.max() <= 999
+    assert uniform.median() == pytest.approx(500, abs=15)
+    assert ((uniform < 100) | (uniform >= 900)).float().mean() == pytest.approx(0.2, abs=0.01)
+
+    centred = draw("logit_normal")
+    assert 0 <= centred.min() and centred.max() <= 999
+    assert centred.median() == pytest.approx(500, abs=15)
+    # P(|n| > logit(0.9) = 2.197) for a standard normal: 0.028.
+    assert ((centred < 100) | (centred >= 900)).float().mean() == pytest.approx(0.028, abs=0.005)
+    # The mean shifts the pile: sigmoid(-1) = 0.269.
+    assert draw("logit_normal", mean=-1.0).median() == pytest.approx(269, abs=15)
+    with pytest.raises(ValueError, match="timestep sampling"):
+        draw("cosine")
+
+
 def test_min_snr_weights_by_hand():
     """min(SNR, gamma) / SNR: 1 where the timestep is noisier than gamma, gamma / SNR above."""
     from unifl.toy.bootstrap import min_snr_weights
@@ -195,11 +219,13 @@ def test_training_processes_follow_cores_threads_and_batch():
     assert processes(1, process_slots) == 1
     assert processes(2, process_slots, **{"project.num_threads": "null"}) == 1
 
-    assert processes(2) == 1  # the defaults: batch 32, one thread each
-    assert processes(2, **{"bootstrap.batch_size": 64}) == 2
-    assert processes(1, **{"bootstrap.batch_size": 64}) == 1
-    assert processes(16, **{"bootstrap.batch_size": 64}) == 2  # at least 32 samples each
-    assert processes(16, **{"bootstrap.batch_size": 96}) == 3
-    assert processes(16, **{"bootstrap.batch_size": 80}) == 2  # a divisor of the batch
-    assert processes(8, **{"bootstrap.batch_size": 128, "project.num_threads": 4}) == 2
-    assert processes(8, **{"bootstrap.batch_size": 128, "project.num_threads": "null"}) == 1
+    assert processes(2) == 2  # the defaults: UNet batch 64, one thread each
+    assert processes(2, **{"bootstrap.unet_batch_size": 32}) == 1
+    assert processes(1, **{"bootstrap.unet_batch_size": 64}) == 1
+    assert processes(16, **{"bootstrap.unet_batch_size": 64}) == 2  # at least 32 samples each
+    assert processes(16, **{"bootstrap.unet_batch_size": 96}) == 3
+    assert processes(16, **{"bootstrap.unet_batch_size": 80}) == 2  # a divisor of the batch
+    assert processes(8, **{"bootstrap.unet_batch_size": 128, "project.num_threads": 4}) == 2
+    assert processes(8, **{"bootstrap.unet_batch_size": 128, "project.num_threads": "null"}) == 1
+    # The VAE's and segmenter's batch does not decide how the UNet trains.
+    assert processes(2, **{"bootstrap.batch_size": 128}) == 2

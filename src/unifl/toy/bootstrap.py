@@ -8,16 +8,17 @@ learning and the caption-match metric use. The output is cached by a hash of
 the configuration (`toy`, `bootstrap` and the seed), so `make run` and the
 tests train each configuration once.
 
-Training recipe (plain, as SD was pre-trained):
+Training recipe:
 1. segmenter: pixel cross-entropy on the generated images and semantic masks;
 2. VAE: reconstruction MSE in [-1, 1] plus a small KL term; afterwards the
    latent scaling factor is set to 1 / std of the latents, as SD's 0.18215 was;
-3. UNet and text encoder(s): noise-prediction MSE at uniform random timesteps
-   of the 1000-step training schedule, each sample's loss weighted by
-   min(SNR, gamma) / SNR (`min_snr_gamma`, Min-SNR weighting: the nearly clean
-   timesteps stop dominating the gradient, and the structure that the noisy
-   ones decide is learned in fewer steps), captions dropped to "" with
-   probability `caption_dropout` so classifier-free guidance works.
+3. UNet and text encoder(s): noise-prediction MSE at timesteps of the
+   1000-step training schedule drawn logit-normally (`timestep_sampling`,
+   SD3's choice: most steps in the middle of the schedule, where the scene's
+   composition and the objects' shapes are decided; 'uniform' with the
+   optional Min-SNR weighting `min_snr_gamma` is SD's own recipe), captions
+   dropped to "" with probability `caption_dropout` so classifier-free
+   guidance works.
 
 Every trainer uses AdamW fused into one kernel (`unifl.models.precision.adamw`).
 
@@ -25,8 +26,8 @@ Cores: the toy models run fastest on one torch thread per process, so with
 `project.num_threads: 1` on a machine of two or more cores the segmenter
 trains in a side process while the VAE trains (`process_slots`), and a UNet
 batch of at least two `MIN_SAMPLES_PER_PROCESS` shares trains data-parallel
-over gloo (`training_processes`; the default batch of 32 trains in one
-process). Data-parallel training equals one process's on the whole batch up
+over gloo (`training_processes`; the default batch of 64 trains in two
+processes on two cores). Data-parallel training equals one process's on the whole batch up
 to float summation order; the process count is part of the cache key because
 it changes the bits.
 """
@@ -217,6 +218,24 @@ def encode_dataset(
     return torch.cat(means), torch.cat(stds)
 
 
+def sample_timesteps(
+    count: int,
+    num_train_timesteps: int,
+    generator: torch.Generator,
+    sampling: str = "uniform",
+    mean: float = 0.0,
+    std: float = 1.0,
+) -> torch.Tensor:
+    """`count` training timesteps in [0, num_train_timesteps): 'uniform', or 'logit_normal'
+    (t = floor(T * sigmoid(mean + std * n)), n standard normal)."""
+    if sampling == "uniform":
+        return torch.randint(0, num_train_timesteps, (count,), generator=generator)
+    if sampling == "logit_normal":
+        fractions = torch.sigmoid(mean + std * torch.randn(count, generator=generator))
+        return (fractions * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+    raise ValueError(f"timestep sampling must be 'uniform' or 'logit_normal', got {sampling!r}")
+
+
 def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma loss weights of noise prediction: min(SNR, gamma) / SNR, where
     SNR = alpha_bar / (1 - alpha_bar) of each sample's timestep."""
@@ -234,13 +253,17 @@ def train_denoiser(
     caption_dropout: float,
     seed: int,
     min_snr_gamma: float | None = None,
+    timestep_sampling: str = "uniform",
+    logit_normal: tuple[float, float] = (0.0, 1.0),
     progress: bool = True,
     rank: int = 0,
     world_size: int = 1,
 ) -> dict[str, float]:
     """Train the UNet and text encoder(s) with the noise-prediction objective.
 
-    `min_snr_gamma` weights each sample's MSE by min(SNR, gamma) / SNR (None: 1).
+    Timesteps are drawn by `sample_timesteps` (`timestep_sampling`, with
+    `logit_normal` = (mean, std)); `min_snr_gamma` weights each sample's MSE
+    by min(SNR, gamma) / SNR (None: 1).
 
     With `world_size > 1` (inside an initialised process group) each process
     computes the loss on its share of every batch and the gradients are
@@ -252,7 +275,7 @@ def train_denoiser(
 
     if batch_size % world_size:
         raise ValueError(
-            f"bootstrap.batch_size ({batch_size}) must be divisible by the {world_size} "
+            f"bootstrap.unet_batch_size ({batch_size}) must be divisible by the {world_size} "
             "training processes"
         )
     share = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
@@ -279,7 +302,9 @@ def train_denoiser(
             means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)
         ) * scale
         noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, num_train_timesteps, (len(index),), generator=generator)
+        timesteps = sample_timesteps(
+            len(index), num_train_timesteps, generator, timestep_sampling, *logit_normal
+        )
         abar = alphas[timesteps].view(-1, 1, 1, 1).float()
         noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
         drop = torch.rand(len(index), generator=generator) < caption_dropout
@@ -429,7 +454,7 @@ def training_processes(params: Params) -> int:
     One per process slot, no more than leave each `MIN_SAMPLES_PER_PROCESS`
     samples of a batch, and a divisor of the batch size.
     """
-    batch_size = params.bootstrap.batch_size
+    batch_size = params.bootstrap.unet_batch_size
     limit = min(process_slots(params), batch_size // MIN_SAMPLES_PER_PROCESS)
     return max(n for n in range(1, max(1, limit) + 1) if batch_size % n == 0)
 
@@ -559,7 +584,7 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
                     images,
                     boot.vae_steps,
                     boot.batch_size,
-                    boot.learning_rate,
+                    boot.vae_learning_rate,
                     boot.vae_kl_weight,
                     seed,
                     progress,
@@ -574,10 +599,12 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
         clock = time.perf_counter()
         training = dict(
             steps=boot.unet_steps,
-            batch_size=boot.batch_size,
-            learning_rate=boot.learning_rate,
+            batch_size=boot.unet_batch_size,
+            learning_rate=boot.unet_learning_rate,
             caption_dropout=boot.caption_dropout,
             min_snr_gamma=boot.min_snr_gamma,
+            timestep_sampling=boot.timestep_sampling,
+            logit_normal=(boot.logit_normal_mean, boot.logit_normal_std),
             seed=seed,
         )
         if processes == 1:
