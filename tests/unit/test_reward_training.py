@@ -317,7 +317,9 @@ def test_outputs_and_callback(trained: dict):
 
 
 def test_split_by_prompt_is_deterministic_and_disjoint():
-    frame = pd.DataFrame({"prompt": [f"p{i % 10}" for i in range(40)], "x": range(40)})
+    frame = pd.DataFrame(
+        {"prompt": [f"p{i % 10}" for i in range(40)], "dimension": "color", "tie": False}
+    )
 
     train, val = split_by_prompt(frame, 0.3, seed=7)
     train_again, val_again = split_by_prompt(frame, 0.3, seed=7)
@@ -327,6 +329,26 @@ def test_split_by_prompt_is_deterministic_and_disjoint():
     assert val["prompt"].nunique() == 3 and len(train) + len(val) == 40
     assert val.equals(val_again) and train.equals(train_again)
     assert set(val_other["prompt"]) != set(val["prompt"])
+
+
+def test_split_gives_every_dimension_a_decided_validation_pair():
+    """A dimension whose validation pairs all happen to be ties takes a prompt that has one."""
+    prompts = [f"p{i}" for i in range(10)]
+    frame = pd.DataFrame(
+        [{"prompt": p, "dimension": "color", "tie": False} for p in prompts]
+        + [{"prompt": p, "dimension": "layout", "tie": p not in ("p3", "p8")} for p in prompts]
+    )
+    plain_val = split_by_prompt(frame[frame["dimension"] == "color"], 0.2, seed=0)[1]
+    assert not set(plain_val["prompt"]) & {"p3", "p8"}  # the seed's own pick misses both
+
+    train, val = split_by_prompt(frame, 0.2, seed=0)
+
+    assert set(val["prompt"]) > set(plain_val["prompt"])
+    assert val["prompt"].nunique() == plain_val["prompt"].nunique() + 1
+    assert ((val["dimension"] == "layout") & ~val["tie"]).sum() == 1
+    assert ((train["dimension"] == "layout") & ~train["tie"]).sum() == 1
+    assert set(train["prompt"]).isdisjoint(val["prompt"])
+    assert val.equals(split_by_prompt(frame, 0.2, seed=0)[1])
 
 
 def test_images_of_different_sizes_are_scored_like_single_images(tmp_path: Path):

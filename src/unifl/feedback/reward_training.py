@@ -160,15 +160,29 @@ def check_images(frame: pd.DataFrame, store: ImageStore, source: str) -> None:
 def split_by_prompt(
     frame: pd.DataFrame, val_fraction: float, seed: int
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Training and validation rows with no prompt in both; the split depends only on `seed`."""
+    """Training and validation rows with no prompt in both; the split depends only on `seed`.
+
+    `val_fraction` of the prompts, in a seeded random order, go to validation. A dimension
+    whose validation pairs are then all ties (its accuracy and `alpha_d` could not be
+    measured) takes the next prompt in that order with a decided pair of it, while at least
+    one prompt stays in training: a small label set would otherwise fail by chance.
+    """
     prompts = np.array(sorted(frame["prompt"].unique()), dtype=object)
     if len(prompts) < 2:
         raise RewardTrainingError(
             f"need at least 2 distinct prompts to split by prompt, got {len(prompts)}"
         )
-    order = np.random.default_rng(seed).permutation(len(prompts))
+    ranked = list(prompts[np.random.default_rng(seed).permutation(len(prompts))])
     num_val = min(len(prompts) - 1, max(1, round(val_fraction * len(prompts))))
-    val_prompts = set(prompts[order[:num_val]])
+    val_prompts = set(ranked[:num_val])
+    decided = frame[~frame["tie"].to_numpy(bool)]
+    for dim in sorted(frame["dimension"].unique()):
+        with_decided_pair = set(decided.loc[decided["dimension"] == dim, "prompt"])
+        if with_decided_pair & val_prompts or len(val_prompts) == len(prompts) - 1:
+            continue
+        extra = next((p for p in ranked[num_val:] if p in with_decided_pair - val_prompts), None)
+        if extra is not None:
+            val_prompts.add(extra)
     is_val = frame["prompt"].isin(val_prompts).to_numpy()
     return frame[~is_val].reset_index(drop=True), frame[is_val].reset_index(drop=True)
 
