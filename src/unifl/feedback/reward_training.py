@@ -180,7 +180,7 @@ def split_by_prompt(
         with_decided_pair = set(decided.loc[decided["dimension"] == dim, "prompt"])
         if with_decided_pair & val_prompts or len(val_prompts) == len(prompts) - 1:
             continue
-        extra = next((p for p in ranked[num_val:] if p in with_decided_pair - val_prompts), None)
+        extra = next((p for p in ranked[num_val:] if p in with_decided_pair), None)
         if extra is not None:
             val_prompts.add(extra)
     is_val = frame["prompt"].isin(val_prompts).to_numpy()
