@@ -419,12 +419,15 @@ class DecoupledConfig(Section):
 
 
 class AdversarialConfig(Section):
-    steps: int = Field(200, ge=0, description="Generator steps.")
+    steps: int = Field(600, ge=0, description="Generator steps.")
     learning_rate: float = Field(
         1e-4, gt=0, description="Generator learning rate (sibling: 2e-6 at full scale)."
     )
     discriminator_learning_rate: float = Field(
-        1e-4, gt=0, description="Discriminator learning rate."
+        1e-3,
+        gt=0,
+        description="Discriminator learning rate (the reward models' own; at 1e-4 the toy "
+        "discriminator stays near chance for 200 steps).",
     )
     adversarial_weight: float = Field(0.05, ge=0, description="Weight of L_G (sibling: 0.05).")
     aesthetic_weight: float = Field(1.0, ge=0, description="Weight of L_aes kept in stage 2.")
@@ -433,6 +436,13 @@ class AdversarialConfig(Section):
         "trailing",
         description="Spacing of the training schedule; 20 trailing steps contain every timestep "
         "of 2-, 4-, 5- and 10-step trailing inference (999, 749, 499, 249 for 4).",
+    )
+    schedule_steps: int | None = Field(
+        None,
+        ge=1,
+        description="DDIM steps of the stage's training schedule; none: inference_steps, so the "
+        "no-grad part follows the few-step sampler's own trajectory (paper: 20, "
+        "trainer.num_inference_steps).",
     )
     start_step: int | None = Field(
         None, ge=0, description="T_a: real latents noised to this step; none: the noisiest step."

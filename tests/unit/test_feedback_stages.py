@@ -126,7 +126,7 @@ def test_adversarial_runs_one_step_and_samples_in_four_trailing_steps(inputs, tm
     metrics = check_common_outputs(result.out_dir, "adversarial", family)
     assert {"final_d_loss", "final_g_loss", "final_d_accuracy"} <= set(metrics)
     assert {"reward_detail_4steps", "reward_detail_5steps", "discriminator_4steps"} <= set(metrics)
-    assert result.history[0]["timestep"] in (999, 799, 599, 399)  # trailing 5 steps, t <= 3
+    assert result.history[0]["timestep"] in (999, 749, 499, 249)  # the 4-step sampler's own
     discriminator = DecoupledRewardModel.load(result.discriminator_dir)
     assert discriminator.dimensions == ("detail",)
     tuned = load_base_model(result.model_dir)
@@ -191,3 +191,26 @@ def test_stage_settings_that_cannot_work_are_named(inputs, tmp_path):
         AdversarialTrainer(
             model, images, reward, params("adversarial.discriminator_dimension=sharpness"), tmp_path
         )
+    with pytest.raises(
+        ValueError, match=r"adversarial.start_step \(3\) must be below the schedule's 3"
+    ):
+        AdversarialTrainer(model, images, reward, params("adversarial.schedule_steps=3"), tmp_path)
+
+
+def test_adversarial_trains_on_the_few_step_samplers_schedule(inputs, tmp_path):
+    from unifl.feedback.adversarial import AdversarialTrainer
+
+    model = load_base_model(inputs / "base")
+    images = [{"image": torch.zeros(3, 32, 32), "caption": "a red circle"}]
+    reward = build_toy_reward_model()
+    trainer = AdversarialTrainer(
+        model, images, reward, params("adversarial.start_step=null"), tmp_path / "four"
+    )
+    # adversarial.inference_steps (4) trailing steps, noisiest at T_a; not trainer's 5.
+    assert trainer.schedule.timesteps.tolist() == [249, 499, 749, 999]
+    assert (trainer.start_step, trainer.max_step) == (3, 3)
+    paper = params("adversarial.start_step=null", "adversarial.schedule_steps=5")
+    model = load_base_model(inputs / "base")  # the first trainer owns the first copy
+    trainer = AdversarialTrainer(model, images, reward, paper, tmp_path / "five")
+    assert trainer.schedule.timesteps.tolist() == [199, 399, 599, 799, 999]
+    assert (trainer.start_step, trainer.max_step) == (4, 4)

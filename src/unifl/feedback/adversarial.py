@@ -17,16 +17,26 @@ Stage 2 trains the diffusion model and a discriminator `r_a` together:
   optimisers then step: one generator and one discriminator update per step,
   the generator's judged by the discriminator before its update.
 
-Which steps (documented, configurable): the schedule is
-`trainer.num_inference_steps` (20) DDIM steps with `adversarial.timestep_spacing`
-"trailing": timesteps 999, 949, ..., 49, which contain every timestep of 4-step
-trailing inference (999, 749, 499, 249), the sampler this stage optimises
-for. Real latents are noised to `T_a = adversarial.start_step` (default: the
-noisiest step, 19 -> t=999) and denoised without gradients, with guidance, to
-the gradient step `t` drawn uniformly from `[0, adversarial.max_step]`
-(default: `start_step`, i.e. the whole schedule), as PeFL does with its own
-`T_a` and range. At the end, the exported model samples `eval_prompts`
-captions at `inference_steps` (trailing) and at the full schedule, and the
+Which steps (documented, configurable): the schedule is the sampler this stage
+optimises for, `adversarial.inference_steps` (4) DDIM steps with
+`adversarial.timestep_spacing` "trailing": timesteps 999, 749, 499, 249. Real
+latents are noised to `T_a = adversarial.start_step` (default: the noisiest
+step, t=999) and denoised without gradients, with guidance, to the gradient
+step `t` drawn uniformly from `[0, adversarial.max_step]` (default:
+`start_step`, i.e. the whole schedule), as PeFL does with its own `T_a` and
+range. So the generator and the discriminator see the x0 predictions of the
+few-step sampler's own trajectory, from the states that 4-step inference
+passes through.
+
+The paper draws the steps from the 20-step schedule (`adversarial.schedule_steps:
+20`), whose trailing timesteps contain the 4-step ones but whose states there
+come from 20 small steps, not 4 large ones: the model is never shown the
+blurred intermediate states that few-step inference produces.
+`benchmarks/adversarial_schedule.py` trains both from the toy base model and
+prints their 4-step samples' caption-match and Fréchet distance (README).
+
+At the end, the exported model samples `eval_prompts` captions at
+`inference_steps` (trailing) and at `trainer.num_inference_steps`, and the
 rewards and discriminator scores of both are reported.
 """
 
@@ -58,15 +68,22 @@ if TYPE_CHECKING:
 DISCRIMINATOR_DIR = "discriminator"
 
 
+def schedule_steps(params: Params) -> int:
+    """Steps of the adversarial training schedule."""
+    config = params.adversarial
+    return config.schedule_steps or config.inference_steps
+
+
 def adversarial_steps(params: Params) -> tuple[int, int]:
     """(T_a, max gradient step) of the adversarial stage, resolved and checked."""
     config = params.adversarial
-    steps = params.trainer.num_inference_steps
+    steps = schedule_steps(params)
     start = steps - 1 if config.start_step is None else config.start_step
     max_step = start if config.max_step is None else config.max_step
     if start >= steps:
         raise ValueError(
-            f"adversarial.start_step ({start}) must be below trainer.num_inference_steps ({steps})"
+            f"adversarial.start_step ({start}) must be below the schedule's {steps} steps "
+            "(adversarial.schedule_steps, else adversarial.inference_steps)"
         )
     if max_step > start:
         raise ValueError(
@@ -124,6 +141,7 @@ class AdversarialTrainer(FeedbackTrainer):
             learning_rate=config.learning_rate,
             num_items=len(data),
             timestep_spacing=config.timestep_spacing,
+            schedule_steps=schedule_steps(params),
             metrics_callback=metrics_callback,
             progress=progress,
         )

@@ -602,6 +602,7 @@ class FeedbackTrainer:
         learning_rate: AdamW learning rate of the UNet's trainable parameters.
         num_items: size of the data (images or prompts) for the `DataStream`.
         timestep_spacing: spacing of the feedback schedule; None: the scheduler's own.
+        schedule_steps: steps of the feedback schedule; None: `trainer.num_inference_steps`.
         metrics_callback: `callback(step, row)` after each step (main process).
         progress: show the tqdm bar.
     """
@@ -618,6 +619,7 @@ class FeedbackTrainer:
         learning_rate: float,
         num_items: int,
         timestep_spacing: str | None = None,
+        schedule_steps: int | None = None,
         metrics_callback: MetricsCallback | None = None,
         progress: bool = True,
     ) -> None:
@@ -644,7 +646,7 @@ class FeedbackTrainer:
         self.model = model
         self._place_model(model, learning_rate)
         self.schedule = FeedbackSchedule.from_scheduler(
-            model.scheduler, self.config.num_inference_steps, timestep_spacing
+            model.scheduler, schedule_steps or self.config.num_inference_steps, timestep_spacing
         )
         self.data = DataStream(
             num_items,
