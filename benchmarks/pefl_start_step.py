@@ -2,6 +2,7 @@
 
     python benchmarks/pefl_start_step.py                  # the params.yaml bootstrap
     python benchmarks/pefl_start_step.py --starts 3 5 10  # other start steps
+    python benchmarks/pefl_start_step.py --starts 5 --model runs/toy_table/seed-0/pefl/model
 
 PeFL compares the segmenter's reading of x0' with the *real* image's masks,
 but x0' comes from the real latents noised to step `T_a` of the 20-step
@@ -15,7 +16,9 @@ to the same figures for the real images and for the VAE's reconstructions
 (the floor no UNet can go below), with the noise level (`abar`) of each
 start step. The paper's `T_a = 10` of 20 comes from SD's
 64x64 latents; the toy's are 8x8, where the same `abar` leaves less of a
-small object.
+small object. `--model` measures another model on the same images, noise and
+segmenter, e.g. the PeFL stage's output: whether PeFL lowered the loss it
+optimises on images it was not trained on.
 """
 
 from __future__ import annotations
@@ -34,6 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=256, help="held-out images to score")
     parser.add_argument(
         "--bootstrap", type=Path, default=None, help="a bootstrap directory (default: the cache)"
+    )
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="the model to measure, e.g. a PeFL stage's `model` (default: the bootstrap's base)",
     )
     args = parser.parse_args(argv)
 
@@ -57,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params, preset=args.preset, overrides=args.overrides)
     apply_num_threads(params.project)
     directory = args.bootstrap or bootstrap_toy_world(params).directory
-    model = load_base_model(directory / "base")
+    model_dir = args.model or directory / "base"
+    model = load_base_model(model_dir)
     segmenter = ToySegmenter.load(directory / "segmenter")
     data = load_toy_arrays(directory / "data" / "eval")
     count = min(args.images, len(data.captions))
@@ -74,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     def row(name: str, loss: float, rate: float) -> str:
         return f"  {name:<34} {loss:10.3f} {rate:14.3f}"
 
-    print(f"PeFL's x0 prediction by start step: {count} held-out toy images, {directory}")
+    print(f"PeFL's x0 prediction by start step: {count} held-out toy images, model {model_dir}")
     print(f"  {'':<34} {'PeFL loss':>10} {'caption-match':>14}")
     generator = torch.Generator().manual_seed(params.project.seed)
     with torch.no_grad():
