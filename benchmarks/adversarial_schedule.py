@@ -26,7 +26,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from toy_table import build_data, evaluate, mean_std, with_seed
+from toy_table import build_data, evaluate, mean_std, run_jobs, with_seed
 
 METRICS = ("caption_match", "frechet")
 
@@ -71,15 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     reward = build_data(params, boot, args.data)["reward"]
     variants: list[int | None] = [None, *args.schedules]
     jobs = [(params, boot, reward, args.out, s, v) for s in args.seeds for v in variants]
-    if args.jobs > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        spawn = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=spawn) as pool:
-            summaries = list(pool.map(run_one, *zip(*jobs, strict=True)))
-    else:
-        summaries = [run_one(*job) for job in jobs]
+    summaries = run_jobs(run_one, jobs, args.jobs)
     results: dict[int | None, list[dict]] = {v: [] for v in variants}
     for job, summary in zip(jobs, summaries, strict=True):
         results[job[-1]].append(summary)

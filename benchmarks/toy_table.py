@@ -134,6 +134,18 @@ def run_seed(params: Params, boot, data: dict[str, Path], out: Path, seed: int) 
     }
 
 
+def run_jobs(function, jobs: list[tuple], workers: int) -> list:
+    """`function(*job)` for every job, in order; `workers` > 1 runs them in spawned processes."""
+    if workers <= 1:
+        return [function(*job) for job in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=spawn) as pool:
+        return list(pool.map(function, *zip(*jobs, strict=True)))
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     if not values:
         return float("nan"), float("nan")
@@ -228,15 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     data = build_data(params, boot, args.out)
     results: dict[str, list[dict[str, float]]] = {model: [] for model in MODELS}
     jobs = [(params, boot, data, args.out, seed) for seed in args.seeds]
-    if args.jobs > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        spawn = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=spawn) as pool:
-            per_seed = list(pool.map(run_seed, *zip(*jobs, strict=True)))
-    else:
-        per_seed = [run_seed(*job) for job in jobs]
+    per_seed = run_jobs(run_seed, jobs, args.jobs)
     for summaries in per_seed:
         for model, summary in summaries.items():
             results[model].append(summary)
