@@ -53,6 +53,10 @@ STAGE_SETTINGS = [
     "trainer.mse_weight=0.5",
     "trainer.checkpoint_every=1",
     f"adversarial.steps={STEPS}",
+    # T_a 3 of the 5-step schedule is t=799. On the 4-step schedule it would be t=999, where the
+    # x0 prediction divides by sqrt(abar) = 0.07 instead of 0.19, which magnified the float-
+    # summation differences between the two runs to 1.3e-5, beyond the tolerance below.
+    "adversarial.schedule_steps=5",
     "adversarial.start_step=3",
     "adversarial.eval_prompts=0",
 ]
