@@ -22,11 +22,10 @@ Outputs go to `--out` (default runs/adversarial_schedule).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
-from toy_table import build_data, evaluate, mean_std, run_jobs, with_seed
+from toy_table import build_data, evaluate, gap_closed, mean_std, run_jobs, with_seed
 
 METRICS = ("caption_match", "frechet")
 
@@ -92,15 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         cells = "".join(f"{cell(variant, f'{m}_{n}steps'):>20}" for m in METRICS for n in (4, 20))
         closed = ""
         if variant is not None:
-            shares = []
-            for metric, better in (("caption_match", 1.0), ("frechet", -1.0)):
-                base_4, base_20, tuned_4 = (
-                    statistics.fmean(run[f"{metric}_{n}steps"] for run in results[v])
-                    for v, n in ((None, 4), (None, 20), (variant, 4))
-                )
-                gap = (base_20 - base_4) * better
-                share = (tuned_4 - base_4) * better / gap if gap > 0 else float("nan")
-                shares.append(f"{metric} {share * 100:+.0f}%")
+            shares = (
+                f"{metric} {gap_closed(results[None], results[variant], metric)[3] * 100:+.0f}%"
+                for metric in METRICS
+            )
             closed = "  " + ", ".join(shares)
         print(f"{name:<30}{cells}{closed:>34}")
     return 0

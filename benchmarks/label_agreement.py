@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         reward_w, reward_l = score_rows(model, ImageStore(pairs_dir), decided)
     reward_gap = (reward_w - reward_l).numpy()
+    agrees = np.sign(reward_gap) == np.sign(oracle_gap)
 
     def share(mask: np.ndarray, hits: np.ndarray) -> str:
         """Share of `hits` among `mask`, with the count."""
@@ -75,8 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     for dimension in DIMENSIONS:
         rows = (decided["dimension"] == dimension).to_numpy()
         gap = rows & (oracle_gap != 0)
-        agrees = np.sign(reward_gap) == np.sign(oracle_gap)
-
         print(
             f"{dimension:<10} {rows.sum():>8} {1 - gap.sum() / max(rows.sum(), 1):>13.3f} "
             f"{share(gap, oracle_gap > 0):>16} {share(gap & ~is_val, agrees):>24} "
