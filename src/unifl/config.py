@@ -308,6 +308,14 @@ class TrainerConfig(Section):
 
     use_lora: bool = Field(True, description="Train LoRA adapters (peft) instead of the full UNet.")
     lora_rank: int = Field(8, ge=1, description="LoRA rank.")
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        min_length=1,
+        description="UNet module names (peft suffix match) that get LoRA adapters; the default is "
+        "the attention projections, as diffusers' LoRA training scripts take. Adding the ResNet "
+        "convolutions ('conv1', 'conv2', 'conv_shortcut', 'time_emb_proj', 'proj_in', 'proj_out', "
+        "'ff.net.0.proj', 'ff.net.2') reaches what few-step LoRAs (LCM-LoRA) train.",
+    )
     gradient_checkpointing: bool = Field(False, description="Checkpoint UNet activations.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping (ImageReward: 1.0).")
     ema_decay: float | None = Field(None, description="EMA decay of trainable weights; none: off.")

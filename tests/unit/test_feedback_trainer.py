@@ -215,17 +215,33 @@ def test_full_unet_and_discriminator_train_while_the_reward_model_stays_frozen(t
     assert all(p.grad is None for p in discriminator.parameters())
 
 
-def test_exported_model_and_adapter_reproduce_the_tuned_unet(tmp_path):
+WIDE_LORA = '["to_q","to_k","to_v","to_out.0","conv1","conv2","conv_shortcut","time_emb_proj"]'
+
+
+@pytest.mark.parametrize("targets", [None, WIDE_LORA], ids=["attention", "with-convolutions"])
+def test_exported_model_and_adapter_reproduce_the_tuned_unet(tmp_path, targets):
     from diffusers import UNet2DConditionModel
 
     from unifl.models.base import load_base_model
 
     model = build_toy_model("toy-sd15")
-    params = tiny_params("decoupled.steps=1", "decoupled.learning_rate=0.05", "trainer.lora_rank=4")
+    overrides = ["decoupled.steps=1", "decoupled.learning_rate=0.05", "trainer.lora_rank=4"]
+    if targets:
+        overrides.append(f"trainer.lora_target_modules={targets}")
+    params = tiny_params(*overrides)
     trainer = DecoupledTrainer(
         model, reward_model(), ["a red circle"], params, tmp_path, progress=False
     )
     trainer.train()
+    adapted_layers = {
+        name.split(".lora_A")[0].rsplit(".", 1)[-1]
+        for name, _ in model.unet.named_parameters()
+        if ".lora_A" in name
+    }
+    expected = {"to_q", "to_k", "to_v", "0"}  # to_out.0 ends in "0"
+    if targets:
+        expected |= {"conv1", "conv2", "conv_shortcut", "time_emb_proj"}
+    assert adapted_layers == expected
     # Move the (zero-initialised) B matrices away from zero so the check has teeth.
     with torch.no_grad():
         for name, p in model.unet.named_parameters():
@@ -372,3 +388,13 @@ def test_nan_loss_stops_with_the_step_named_and_the_last_checkpoint_intact(tmp_p
     )
     with pytest.raises(ResumeError, match="lora_rank: 8 -> 4"):
         other.train()
+    wider = DecoupledTrainer(
+        build_toy_model("toy-sd15"),
+        reward_model(),
+        ["a red circle"],
+        tiny_params("decoupled.steps=4", f"trainer.lora_target_modules={WIDE_LORA}"),
+        tmp_path,
+        progress=False,
+    )
+    with pytest.raises(ResumeError, match="lora_target_modules: "):
+        wider.train()

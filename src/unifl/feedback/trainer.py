@@ -111,7 +111,6 @@ logger = logging.getLogger(__name__)
 MetricsCallback = Callable[[int, dict[str, float]], None]
 """`callback(step, row)`: called on the main process after every optimisation step."""
 
-LORA_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 CHECKPOINTS_DIR = "checkpoints"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -719,7 +718,7 @@ class FeedbackTrainer:
             r=self.config.lora_rank,
             lora_alpha=self.config.lora_alpha or self.config.lora_rank,
             init_lora_weights="gaussian",
-            target_modules=list(LORA_TARGET_MODULES),
+            target_modules=list(self.config.lora_target_modules),
         )
 
     def frozen(self, module: nn.Module) -> nn.Module:
@@ -813,6 +812,9 @@ class FeedbackTrainer:
             "family": self.model.family,
             "use_lora": self.config.use_lora,
             "lora_rank": self.config.lora_rank if self.config.use_lora else None,
+            "lora_target_modules": self.config.lora_target_modules
+            if self.config.use_lora
+            else None,
             "ema": self.config.ema_decay is not None,
             "trainable": [group.name for group in self.groups],
             "batch_size": self.config.batch_size,
