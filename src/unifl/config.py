@@ -456,6 +456,12 @@ class AdversarialConfig(Section):
     start_step: int | None = Field(
         None, ge=0, description="T_a: real latents noised to this step; none: the noisiest step."
     )
+    start_latents: Literal["real", "noise"] = Field(
+        "real",
+        description="Where the no-grad denoising starts: 'real', the real images' latents noised "
+        "to T_a (paper); 'noise', pure Gaussian noise at the schedule's noisiest step, the input "
+        "few-step inference starts from (the real images then feed only the discriminator).",
+    )
     max_step: int | None = Field(
         None,
         ge=0,

@@ -214,3 +214,45 @@ def test_adversarial_trains_on_the_few_step_samplers_schedule(inputs, tmp_path):
     trainer = AdversarialTrainer(model, images, reward, paper, tmp_path / "five")
     assert trainer.schedule.timesteps.tolist() == [199, 399, 599, 799, 999]
     assert (trainer.start_step, trainer.max_step) == (4, 4)
+
+
+def test_adversarial_from_noise_ignores_the_real_images_until_the_discriminator(inputs, tmp_path):
+    from unifl.feedback.adversarial import AdversarialTrainer
+    from unifl.feedback.pefl import collate_images
+
+    reward = build_toy_reward_model()
+    caption = "a red circle"
+    masks = {"semantic_mask": torch.zeros(32, 32), "instance_mask": torch.zeros(32, 32)}
+    dark = [{"image": torch.zeros(3, 32, 32), "caption": caption, **masks}] * 2
+    bright = [{"image": torch.ones(3, 32, 32), "caption": caption, **masks}] * 2
+
+    def losses(start_latents: str) -> list[dict]:
+        trainer = AdversarialTrainer(
+            load_base_model(inputs / "base"),
+            dark,
+            reward,
+            params("adversarial.start_step=null", f"adversarial.start_latents={start_latents}"),
+            tmp_path / start_latents,
+            progress=False,
+        )
+        trainer._prepare()
+        return [
+            trainer.compute_loss(collate_images(items), trainer.generator_for(0)).logs
+            for items in (dark, bright)
+        ]
+
+    # From pure noise the generator's x0' (hence L_G) is the same whatever the real images.
+    from_noise = losses("noise")
+    assert from_noise[0]["g_loss"] == pytest.approx(from_noise[1]["g_loss"], abs=1e-6)
+    assert from_noise[0]["d_real"] != pytest.approx(from_noise[1]["d_real"], abs=1e-3)
+    # Noised real latents at t=999 still carry the images (sqrt(alpha_bar) = 0.07).
+    from_real = losses("real")
+    assert from_real[0]["g_loss"] != pytest.approx(from_real[1]["g_loss"], abs=1e-6)
+    with pytest.raises(ValueError, match=r"'noise' starts at the schedule's noisiest step \(3\)"):
+        AdversarialTrainer(
+            load_base_model(inputs / "base"),
+            dark,
+            reward,
+            params("adversarial.start_step=2", "adversarial.start_latents=noise"),
+            tmp_path / "bad",
+        )

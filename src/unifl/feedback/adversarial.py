@@ -28,6 +28,11 @@ range. So the generator and the discriminator see the x0 predictions of the
 few-step sampler's own trajectory, from the states that 4-step inference
 passes through.
 
+`adversarial.start_latents: noise` starts that denoising from pure Gaussian
+noise instead, the input 4-step inference starts from: at t=999 noised real
+latents still carry a little of the image (sqrt(alpha_bar) = 0.07), which
+inference never has. The real images then feed only the discriminator.
+
 The paper draws the steps from the 20-step schedule (`adversarial.schedule_steps:
 20`), whose trailing timesteps contain the 4-step ones but whose states there
 come from 20 small steps, not 4 large ones: the model is never shown the
@@ -84,6 +89,11 @@ def adversarial_steps(params: Params) -> tuple[int, int]:
         raise ValueError(
             f"adversarial.start_step ({start}) must be below the schedule's {steps} steps "
             "(adversarial.schedule_steps, else adversarial.inference_steps)"
+        )
+    if config.start_latents == "noise" and start != steps - 1:
+        raise ValueError(
+            f"adversarial.start_latents 'noise' starts at the schedule's noisiest step "
+            f"({steps - 1}), not adversarial.start_step ({start})"
         )
     if max_step > start:
         raise ValueError(
@@ -178,7 +188,10 @@ class AdversarialTrainer(FeedbackTrainer):
         embeds, uncond = self.prompt_embeds(batch.captions)
         grad_step = sample_step(0, self.max_step, generator)
         noise = self.randn(latents.shape, generator)
-        noisy = noise_latents(latents, noise, self.schedule.alpha(self.start_step))
+        if config.start_latents == "noise":
+            noisy = noise
+        else:
+            noisy = noise_latents(latents, noise, self.schedule.alpha(self.start_step))
         sample = self.feedback(noisy, self.start_step, grad_step, embeds, uncond)
         fake = self.decode(sample.x0_latents)
 
