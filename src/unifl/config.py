@@ -499,6 +499,12 @@ class EvaluateConfig(Section):
     few_step_max: int = Field(
         8, ge=1, description="'auto' spacing uses trailing DDIM up to this many steps."
     )
+    few_step_guidance_scale: float | None = Field(
+        None,
+        ge=1.0,
+        description="CFG scale at step counts up to few_step_max; none: guidance_scale. In 4 "
+        "trailing DDIM steps a scale of 7.5 overshoots (benchmarks/few_step_guidance.py).",
+    )
     batch_size: int = Field(16, ge=1, description="Images per generation batch.")
     warmup: bool = Field(
         True, description="Run one untimed batch per step count before timing images/s."

@@ -31,7 +31,7 @@ from unifl.evaluation import (
     save_comparison_grid,
 )
 from unifl.evaluation.clip_score import cosine_to_clip_score
-from unifl.evaluation.evaluate import resolve_timestep_spacing
+from unifl.evaluation.evaluate import resolve_guidance_scale, resolve_timestep_spacing
 from unifl.evaluation.frechet import FrechetError, gaussian_statistics
 from unifl.evaluation.grids import GridError
 from unifl.models.tokenizer import EOS_TOKEN_ID, toy_tokenizer
@@ -261,6 +261,14 @@ def test_auto_spacing_is_trailing_for_few_steps() -> None:
     assert resolve_timestep_spacing(EvaluateConfig(timestep_spacing="linspace"), 4) == "linspace"
 
 
+def test_few_step_guidance_applies_up_to_few_step_max() -> None:
+    assert resolve_guidance_scale(EvaluateConfig(), 4) == 7.5
+    config = EvaluateConfig(few_step_guidance_scale=3.0)
+    assert resolve_guidance_scale(config, 4) == 3.0
+    assert resolve_guidance_scale(config, 8) == 3.0
+    assert resolve_guidance_scale(config, 9) == 7.5
+
+
 # --------------------------------------------------------------------------- end to end
 
 PROMPTS = [
@@ -439,3 +447,34 @@ def test_cli_evaluate_writes_the_stage_outputs_and_rejects_bad_prompts(toy_world
     assert bad.exit_code == 2
     assert "empty.txt" in bad.output and "no prompts" in bad.output
     assert not (tmp_path / "out2").exists()
+
+
+def test_evaluation_samples_few_steps_at_the_few_step_guidance(toy_world, monkeypatch) -> None:
+    import unifl.models.sampler as sampler
+
+    calls: list[tuple[int, float]] = []
+    real_generate = sampler.generate
+
+    def recording_generate(model, prompts, **kwargs):
+        calls.append((kwargs["steps"], kwargs["guidance_scale"]))
+        return real_generate(model, prompts, **kwargs)
+
+    monkeypatch.setattr(sampler, "generate", recording_generate)
+    config = EvaluateConfig(
+        num_prompts=3,
+        steps=[9, 2],
+        batch_size=3,
+        grid_prompts=2,
+        warmup=False,
+        few_step_guidance_scale=2.0,
+    )
+    result = evaluate_model(
+        toy_world["model"],
+        PROMPTS,
+        config,
+        segmenter=toy_world["segmenter"],
+        reward_model=toy_world["reward"],
+        progress=False,
+    )
+    assert set(calls) == {(9, 7.5), (2, 2.0)}
+    assert result.settings["guidance_scale"] == {"9": 7.5, "2": 2.0}

@@ -85,6 +85,13 @@ def resolve_timestep_spacing(config: EvaluateConfig, steps: int) -> str:
     return "trailing" if steps <= config.few_step_max else "leading"
 
 
+def resolve_guidance_scale(config: EvaluateConfig, steps: int) -> float:
+    """`few_step_guidance_scale` at up to `few_step_max` steps when set, else `guidance_scale`."""
+    if config.few_step_guidance_scale is not None and steps <= config.few_step_max:
+        return config.few_step_guidance_scale
+    return config.guidance_scale
+
+
 # --------------------------------------------------------------------------- inputs
 
 
@@ -303,7 +310,7 @@ def _generate_and_measure(
             model,
             chunk_prompts,
             steps,
-            config.guidance_scale,
+            resolve_guidance_scale(config, steps),
             chunk_seed(seed, chunk),
             spacing,
             config.batch_size,
@@ -370,7 +377,7 @@ def evaluate_model(
                 model,
                 table["prompt"].tolist(),
                 steps,
-                config.guidance_scale,
+                resolve_guidance_scale(config, steps),
                 spacing,
                 config.batch_size,
             )
@@ -423,7 +430,7 @@ def evaluate_model(
         "steps": list(config.steps),
         "seeds": list(config.seeds),
         "num_prompts": len(table),
-        "guidance_scale": config.guidance_scale,
+        "guidance_scale": {str(s): resolve_guidance_scale(config, s) for s in config.steps},
         "timestep_spacing": {str(s): resolve_timestep_spacing(config, s) for s in config.steps},
         "batch_size": config.batch_size,
         "model": str(getattr(model, "source", "")),
@@ -480,7 +487,7 @@ def sample_grids(
                 candidate,
                 list(prompts),
                 steps,
-                config.guidance_scale,
+                resolve_guidance_scale(config, steps),
                 config.seeds[0],
                 spacing,
                 config.batch_size,
