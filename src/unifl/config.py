@@ -470,6 +470,12 @@ class AdversarialConfig(Section):
     discriminator_dimension: str = Field(
         "detail", description="Reward head the discriminator starts from (paper: detail)."
     )
+    r1_weight: float = Field(
+        0.0,
+        ge=0,
+        description="gamma of the R1 penalty gamma/2 * E||grad_x r_a(x, c)||^2 on real images, "
+        "which keeps the discriminator smooth around the data (ADD uses one); 0: off (paper).",
+    )
     eval_prompts: int = Field(
         8,
         ge=0,

@@ -59,6 +59,8 @@ STAGE_SETTINGS = [
     "adversarial.schedule_steps=5",
     "adversarial.start_step=3",
     "adversarial.eval_prompts=0",
+    # The R1 penalty's double backward runs inside the discriminator's DDP forward.
+    "adversarial.r1_weight=1.0",
 ]
 RELATIVE_TOLERANCE = 1e-5
 """Largest parameter difference, relative to the largest parameter, between the two-process

@@ -256,3 +256,41 @@ def test_adversarial_from_noise_ignores_the_real_images_until_the_discriminator(
             params("adversarial.start_step=2", "adversarial.start_latents=noise"),
             tmp_path / "bad",
         )
+
+
+def test_r1_penalty_adds_half_gamma_times_the_real_images_gradient_norm(inputs, tmp_path):
+    from unifl.feedback.adversarial import AdversarialTrainer
+    from unifl.feedback.pefl import collate_images
+
+    masks = {"semantic_mask": torch.zeros(32, 32), "instance_mask": torch.zeros(32, 32)}
+    items = [
+        {"image": torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i)), **masks}
+        | {"caption": caption}
+        for i, caption in enumerate(["a red circle", "a blue square"])
+    ]
+
+    def trainer_for(gamma: float) -> AdversarialTrainer:
+        trainer = AdversarialTrainer(
+            load_base_model(inputs / "base"),
+            items,
+            build_toy_reward_model(),
+            params(f"adversarial.r1_weight={gamma}"),
+            tmp_path / str(gamma),
+            progress=False,
+        )
+        trainer._prepare()
+        return trainer
+
+    plain = trainer_for(0.0).compute_loss(collate_images(items), torch.Generator().manual_seed(0))
+    penalised_trainer = trainer_for(4.0)
+    penalised = penalised_trainer.compute_loss(
+        collate_images(items), torch.Generator().manual_seed(0)
+    )
+    assert "r1" not in plain.logs and penalised.logs["r1"] > 0
+    assert penalised.logs["d_loss"] - plain.logs["d_loss"] == pytest.approx(
+        2.0 * penalised.logs["r1"], rel=1e-4
+    )
+    # The penalty reaches the discriminator's parameters through the double backward.
+    penalised.loss.backward()
+    head = penalised_trainer.discriminator.heads["detail"]
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in head.parameters())

@@ -12,6 +12,11 @@ Stage 2 trains the diffusion model and a discriminator `r_a` together:
   this term (`torch.func.functional_call`), so it moves only the UNet.
 * `L_D = BCE(r_a(x0, c), 1) + BCE(r_a(sg[x0'], c), 0)`: real images labelled 1,
   the model's x0' (gradient stopped) labelled 0; one forward over [real; fake].
+* With `adversarial.r1_weight` gamma > 0, `L_D` adds the R1 penalty
+  `gamma/2 * mean ||grad_x r_a(x0, c)||^2` on the real images (not in the paper;
+  ADD and StyleGAN use it): it keeps the discriminator smooth around the data,
+  so that it does not run away from the generator. Its double backward needs
+  the math attention kernel, which the discriminator's forward then takes.
 * The two terms touch disjoint parameters, so one backward of their sum gives
   the generator and the discriminator exactly their own gradients; both
   optimisers then step: one generator and one discriminator update per step,
@@ -47,6 +52,7 @@ rewards and discriminator scores of both are reported.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -100,6 +106,15 @@ def adversarial_steps(params: Params) -> tuple[int, int]:
             f"adversarial.max_step ({max_step}) must not exceed adversarial.start_step ({start})"
         )
     return start, max_step
+
+
+def double_backward_attention(enabled: bool) -> contextlib.AbstractContextManager:
+    """The math attention kernel, the one whose backward can itself be differentiated (R1)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def make_discriminator(reward_model: DecoupledRewardModel, dimension: str) -> DecoupledRewardModel:
@@ -212,10 +227,17 @@ class AdversarialTrainer(FeedbackTrainer):
             )
 
         prepared = self.group("discriminator").prepared
-        both = torch.cat([real.to(fake.dtype), fake.detach()])
-        logits = prepared(both, prompts=batch.captions * 2, dimensions=[self.dimension])
+        real = real.to(fake.dtype).requires_grad_(config.r1_weight > 0)
+        both = torch.cat([real, fake.detach()])
+        with double_backward_attention(config.r1_weight > 0):
+            logits = prepared(both, prompts=batch.captions * 2, dimensions=[self.dimension])
         real_logits, fake_logits = logits[self.dimension].chunk(2)
         d_loss = discriminator_loss(real_logits, fake_logits)
+        if config.r1_weight > 0:
+            (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+            r1 = grad.float().pow(2).flatten(1).sum(1).mean()
+            d_loss = d_loss + 0.5 * config.r1_weight * r1
+            logs["r1"] = float(r1.detach())
         loss = loss + d_loss
         accuracy = torch.cat([real_logits > 0, fake_logits < 0]).float().mean()
         logs.update(
