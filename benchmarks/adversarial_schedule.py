@@ -45,7 +45,22 @@ def run_one(params, boot, reward: Path, out: Path, seed: int, schedule: int | No
     result = run_adversarial(
         seeded, boot.base_model_dir, boot.train_data_dir, reward, stage_dir, progress=False
     )
-    return evaluate(seeded, boot, reward, result.model_dir, run_dir / f"eval-{schedule}")
+    summary = evaluate(seeded, boot, reward, result.model_dir, run_dir / f"eval-{schedule}")
+    return summary | discriminator_trend(stage_dir / "history.csv")
+
+
+def discriminator_trend(history: Path, window: int = 100) -> dict[str, float]:
+    """The discriminator's mean logit on generated images over the first and the last `window`
+    steps of a run, and its accuracy over the last: whether it runs away from the generator."""
+    import pandas as pd
+
+    rows = pd.read_csv(history).sort_values("step")
+    first, last = rows.head(window), rows.tail(window)
+    return {
+        "d_fake_first": float(first["d_fake"].mean()),
+        "d_fake_last": float(last["d_fake"].mean()),
+        "d_accuracy_last": float(last["d_accuracy"].mean()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +112,14 @@ def main(argv: list[str] | None = None) -> int:
             )
             closed = "  " + ", ".join(shares)
         print(f"{name:<30}{cells}{closed:>34}")
+    for variant in args.schedules:
+        first, last, accuracy = (
+            cell(variant, key) for key in ("d_fake_first", "d_fake_last", "d_accuracy_last")
+        )
+        print(
+            f"{variant}-step schedule: discriminator logit on generated images, first 100 steps "
+            f"{first}, last 100 {last}; accuracy over the last 100 {accuracy}"
+        )
     return 0
 
 

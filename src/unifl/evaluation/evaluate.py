@@ -78,16 +78,21 @@ def metric_name(metric: str, steps: int) -> str:
     return f"{metric}_{steps}steps"
 
 
+def is_few_step(config: EvaluateConfig, steps: int) -> bool:
+    """Whether `steps` counts as few-step sampling (`few_step_max`)."""
+    return steps <= config.few_step_max
+
+
 def resolve_timestep_spacing(config: EvaluateConfig, steps: int) -> str:
     """'auto': trailing DDIM at few steps (the inferred few-step sampler), leading otherwise."""
     if config.timestep_spacing != "auto":
         return config.timestep_spacing
-    return "trailing" if steps <= config.few_step_max else "leading"
+    return "trailing" if is_few_step(config, steps) else "leading"
 
 
 def resolve_guidance_scale(config: EvaluateConfig, steps: int) -> float:
-    """`few_step_guidance_scale` at up to `few_step_max` steps when set, else `guidance_scale`."""
-    if config.few_step_guidance_scale is not None and steps <= config.few_step_max:
+    """`few_step_guidance_scale` at few steps when set, else `guidance_scale`."""
+    if config.few_step_guidance_scale is not None and is_few_step(config, steps):
         return config.few_step_guidance_scale
     return config.guidance_scale
 

@@ -227,13 +227,14 @@ class AdversarialTrainer(FeedbackTrainer):
             )
 
         prepared = self.group("discriminator").prepared
-        real = real.to(fake.dtype).requires_grad_(config.r1_weight > 0)
+        penalised = config.r1_weight > 0
+        real = real.to(fake.dtype).requires_grad_(penalised)
         both = torch.cat([real, fake.detach()])
-        with double_backward_attention(config.r1_weight > 0):
+        with double_backward_attention(penalised):
             logits = prepared(both, prompts=batch.captions * 2, dimensions=[self.dimension])
         real_logits, fake_logits = logits[self.dimension].chunk(2)
         d_loss = discriminator_loss(real_logits, fake_logits)
-        if config.r1_weight > 0:
+        if penalised:
             (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
             r1 = grad.float().pow(2).flatten(1).sum(1).mean()
             d_loss = d_loss + 0.5 * config.r1_weight * r1
