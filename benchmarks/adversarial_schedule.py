@@ -3,6 +3,7 @@
     python benchmarks/adversarial_schedule.py                 # seeds 0 1, schedules 20 and 4
     python benchmarks/adversarial_schedule.py --jobs 2        # two runs at a time (one per core)
     python benchmarks/adversarial_schedule.py --schedules 20 8 4 --seeds 0 1 2
+    python benchmarks/adversarial_schedule.py --schedules 4 --seeds 0 1 2 --start runs/toy_table
 
 The adversarial stage denoises without gradients down to its gradient step on
 a schedule of `adversarial.schedule_steps` DDIM steps. The paper draws the
@@ -16,6 +17,10 @@ table's reward model) and evaluates the base model and each result on the
 held-out toy captions. It prints, at 4 and at 20 steps, caption-match and
 Fréchet distance (mean ± std over seeds), and the share of the base model's
 4-vs-20-step gap that each schedule closes (the toy table's criterion).
+With `--start` the stage starts from the decoupled model of a finished toy
+table's run of the same seed, as the table's adversarial stage does, so a
+setting can be tried on the table's own starting point without training
+PeFL and decoupled FL again; the gap is still the base model's.
 Outputs go to `--out` (default runs/adversarial_schedule).
 """
 
@@ -30,8 +35,11 @@ from toy_table import build_data, evaluate, gap_closed, mean_std, run_jobs, with
 METRICS = ("caption_match", "frechet")
 
 
-def run_one(params, boot, reward: Path, out: Path, seed: int, schedule: int | None) -> dict:
-    """Evaluate the base model (`schedule` None) or train and evaluate one schedule."""
+def run_one(
+    params, boot, reward: Path, out: Path, start: Path | None, seed: int, schedule: int | None
+) -> dict:
+    """Evaluate the base model (`schedule` None) or train and evaluate one schedule, from the
+    base model or, with `start`, from that toy table's decoupled model of the same seed."""
     from unifl.feedback.stages import run_adversarial
     from unifl.models.precision import apply_num_threads
 
@@ -42,9 +50,8 @@ def run_one(params, boot, reward: Path, out: Path, seed: int, schedule: int | No
         return evaluate(seeded, boot, reward, boot.base_model_dir, run_dir / "eval-base")
     seeded.adversarial.schedule_steps = schedule
     stage_dir = run_dir / f"adversarial-{schedule}"
-    result = run_adversarial(
-        seeded, boot.base_model_dir, boot.train_data_dir, reward, stage_dir, progress=False
-    )
+    model = boot.base_model_dir if start is None else start / f"seed-{seed}" / "decoupled" / "model"
+    result = run_adversarial(seeded, model, boot.train_data_dir, reward, stage_dir, progress=False)
     summary = evaluate(seeded, boot, reward, result.model_dir, run_dir / f"eval-{schedule}")
     return summary | discriminator_trend(stage_dir / "history.csv")
 
@@ -72,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schedules", type=int, nargs="+", default=[20, 4])
     parser.add_argument("--out", type=Path, default=Path("runs/adversarial_schedule"))
     parser.add_argument("--data", type=Path, default=Path("runs/toy_table"))
+    parser.add_argument(
+        "--start",
+        type=Path,
+        default=None,
+        help="a toy table's output: start each seed from its decoupled model, as the table does",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side, one process each")
     args = parser.parse_args(argv)
 
@@ -84,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     boot = bootstrap_toy_world(params)
     reward = build_data(params, boot, args.data)["reward"]
     variants: list[int | None] = [None, *args.schedules]
-    jobs = [(params, boot, reward, args.out, s, v) for s in args.seeds for v in variants]
+    jobs = [
+        (params, boot, reward, args.out, args.start, s, v) for s in args.seeds for v in variants
+    ]
     summaries = run_jobs(run_one, jobs, args.jobs)
     results: dict[int | None, list[dict]] = {v: [] for v in variants}
     for job, summary in zip(jobs, summaries, strict=True):
@@ -97,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"adversarial FL by training schedule: {len(args.seeds)} seeds "
         f"({' '.join(map(str, args.seeds))}), {params.adversarial.steps} steps, "
-        f"discriminator lr {params.adversarial.discriminator_learning_rate:g}"
+        f"discriminator lr {params.adversarial.discriminator_learning_rate:g}, "
+        f"from {'the base model' if args.start is None else f'the decoupled models of {args.start}'}"
     )
     header = "".join(f"{f'{m} {n}':>20}" for m in METRICS for n in (4, 20))
     print(f"{'model':<30}{header}{'gap closed (4 steps)':>34}")
