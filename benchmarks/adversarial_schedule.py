@@ -33,6 +33,7 @@ from pathlib import Path
 from toy_table import build_data, evaluate, gap_closed, mean_std, run_jobs, with_seed
 
 METRICS = ("caption_match", "frechet")
+TREND_WINDOW = 100  # steps at each end of a run over which the discriminator's logit is averaged
 
 
 def run_one(
@@ -50,19 +51,25 @@ def run_one(
         return evaluate(seeded, boot, reward, boot.base_model_dir, run_dir / "eval-base")
     seeded.adversarial.schedule_steps = schedule
     stage_dir = run_dir / f"adversarial-{schedule}"
-    model = boot.base_model_dir if start is None else start / f"seed-{seed}" / "decoupled" / "model"
+    model = boot.base_model_dir if start is None else decoupled_model(start, seed)
     result = run_adversarial(seeded, model, boot.train_data_dir, reward, stage_dir, progress=False)
     summary = evaluate(seeded, boot, reward, result.model_dir, run_dir / f"eval-{schedule}")
     return summary | discriminator_trend(stage_dir / "history.csv")
 
 
-def discriminator_trend(history: Path, window: int = 100) -> dict[str, float]:
-    """The discriminator's mean logit on generated images over the first and the last `window`
-    steps of a run, and its accuracy over the last: whether it runs away from the generator."""
+def decoupled_model(table: Path, seed: int) -> Path:
+    """The decoupled model that a toy table's run of `seed` wrote."""
+    return table / f"seed-{seed}" / "decoupled" / "model"
+
+
+def discriminator_trend(history: Path) -> dict[str, float]:
+    """The discriminator's mean logit on generated images over the first and the last
+    TREND_WINDOW steps of a run, and its accuracy over the last: whether it runs away from the
+    generator."""
     import pandas as pd
 
     rows = pd.read_csv(history).sort_values("step")
-    first, last = rows.head(window), rows.tail(window)
+    first, last = rows.head(TREND_WINDOW), rows.tail(TREND_WINDOW)
     return {
         "d_fake_first": float(first["d_fake"].mean()),
         "d_fake_last": float(last["d_fake"].mean()),
@@ -87,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side, one process each")
     args = parser.parse_args(argv)
+    if args.start is not None:
+        models = (decoupled_model(args.start, s) for s in args.seeds)
+        missing = [str(m) for m in models if not (m / "model_index.json").is_file()]
+        if missing:
+            parser.error(f"--start {args.start}: no decoupled model at {', '.join(missing)}")
 
     from unifl.config import load_params
     from unifl.models.precision import apply_num_threads
@@ -133,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             cell(variant, key) for key in ("d_fake_first", "d_fake_last", "d_accuracy_last")
         )
         print(
-            f"{variant}-step schedule: discriminator logit on generated images, first 100 steps "
-            f"{first}, last 100 {last}; accuracy over the last 100 {accuracy}"
+            f"{variant}-step schedule: discriminator logit on generated images, first "
+            f"{TREND_WINDOW} steps {first}, last {TREND_WINDOW} {last}; accuracy over the last "
+            f"{TREND_WINDOW} {accuracy}"
         )
     return 0
 

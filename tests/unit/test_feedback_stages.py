@@ -281,20 +281,16 @@ def test_r1_penalty_adds_half_gamma_times_the_real_images_gradient_norm(inputs, 
         trainer._prepare()
         return trainer
 
-    plain = trainer_for(0.0).compute_loss(collate_images(items), torch.Generator().manual_seed(0))
+    batch = collate_images(items)
+    plain = trainer_for(0.0).compute_loss(batch, torch.Generator().manual_seed(0))
     penalised_trainer = trainer_for(4.0)
-    penalised = penalised_trainer.compute_loss(
-        collate_images(items), torch.Generator().manual_seed(0)
-    )
+    penalised = penalised_trainer.compute_loss(batch, torch.Generator().manual_seed(0))
     assert "r1" not in plain.logs
     # r1 is the mean over the real images of the squared gradient norm of their logits.
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    real = collate_images(items).images.requires_grad_(True)
-    with sdpa_kernel(SDPBackend.MATH):
-        logits = penalised_trainer.discriminator(
-            real, prompts=["a red circle", "a blue square"], dimensions=["detail"]
-        )["detail"]
+    real = batch.images.clone().requires_grad_(True)
+    logits = penalised_trainer.discriminator(real, prompts=batch.captions, dimensions=["detail"])[
+        "detail"
+    ]
     (grad,) = torch.autograd.grad(logits.sum(), real)
     expected = float(grad.pow(2).flatten(1).sum(1).mean())
     assert expected > 0
