@@ -109,13 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     boot = bootstrap_toy_world(params)
     reward = build_data(params, boot, args.data)["reward"]
     variants: list[int | None] = [None, *args.schedules]
+    # The base model's evaluation depends on no seed: the first seed's run serves all.
     jobs = [
-        (params, boot, reward, args.out, args.start, s, v) for s in args.seeds for v in variants
+        (params, boot, reward, args.out, args.start, s, v)
+        for s in args.seeds
+        for v in variants
+        if v is not None or s == args.seeds[0]
     ]
     summaries = run_jobs(run_one, jobs, args.jobs)
     results: dict[int | None, list[dict]] = {v: [] for v in variants}
     for job, summary in zip(jobs, summaries, strict=True):
         results[job[-1]].append(summary)
+    results[None] *= len(args.seeds)
 
     def cell(variant: int | None, key: str) -> str:
         mean, std = mean_std([run[key] for run in results[variant]])

@@ -119,14 +119,19 @@ def evaluate(params: Params, boot, reward: Path, model_dir: Path, out: Path) -> 
     return {k: float(v) for k, v in result.summary.items() if isinstance(v, int | float)}
 
 
-def run_seed(params: Params, boot, data: dict[str, Path], out: Path, seed: int) -> dict:
-    """The three stages and the four evaluations of one seed: {model: summary}."""
+def run_seed(
+    params: Params, boot, data: dict[str, Path], out: Path, seed: int, with_base: bool
+) -> dict:
+    """The three stages of one seed and their evaluations, with the base model's when
+    `with_base` (it depends on no seed, so one run evaluates it for all): {model: summary}."""
     from unifl.models.precision import apply_num_threads
 
     apply_num_threads(params.project)  # also in a worker process of --jobs
     seeded = with_seed(params, seed)
     run_dir = out / f"seed-{seed}"
     models = train_stages(seeded, boot, data, run_dir)
+    if not with_base:
+        del models["base"]
     return {
         model: evaluate(
             seeded, boot, data["reward"], model_dir, run_dir / f"eval-{model.strip('+')}"
@@ -253,11 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     boot = bootstrap_toy_world(params)
     data = build_data(params, boot, args.out)
     results: dict[str, list[dict[str, float]]] = {model: [] for model in MODELS}
-    jobs = [(params, boot, data, args.out, seed) for seed in args.seeds]
+    jobs = [(params, boot, data, args.out, seed, seed == args.seeds[0]) for seed in args.seeds]
     per_seed = run_jobs(run_seed, jobs, args.jobs)
     for summaries in per_seed:
         for model, summary in summaries.items():
             results[model].append(summary)
+    results["base"] *= len(args.seeds)  # one evaluation, paired with every seed
 
     report = [
         f"toy table: {len(args.seeds)} seeds ({' '.join(map(str, args.seeds))}), "
