@@ -180,6 +180,22 @@ def main(argv: list[str] | None = None) -> int:
             own = [rate for rate, _ in values]
             cells += f"  {statistics.fmean(own):.3f} ± {statistics.stdev(own):.3f}"
         print(f"  {name:<42}{cells}")
+    last_key = "caption_match_base_20_steps_last_weights"
+    checks = [manifest["metrics"] for *_, manifest, _ in runs]
+    if all(last_key in check for check in checks):
+        print(
+            f"weight average (bootstrap.unet_ema_decay {params.bootstrap.unet_ema_decay}) against "
+            "the last weights of the same training, caption-match in the bootstrap's own check:"
+        )
+        for name, key in (("last weights", last_key), ("average", "caption_match_base_20_steps")):
+            values = [check[key] for check in checks]
+            cells = "".join(f"{value:14.3f}" for value in values)
+            if len(values) > 1:
+                cells += f"  {statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+            print(f"  {name:<42}{cells}")
+        gains = [check["caption_match_base_20_steps"] - check[last_key] for check in checks]
+        spread = f" ± {statistics.stdev(gains):.3f}" if len(gains) > 1 else ""
+        print(f"  {'average - last weights, paired':<42}{statistics.fmean(gains):+14.3f}{spread}")
     return 0
 
 

@@ -93,6 +93,15 @@ class BootstrapConfig(Section):
         description="AdamW learning rate of the toy UNet and text encoder(s) (cosine decay "
         "after 200 warm-up steps).",
     )
+    unet_ema_decay: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Exponential moving average of the toy UNet's and text encoder(s)' weights, "
+        "its decay ramped as min(decay, (1 + n) / (10 + n)) after n steps, as trainer.ema_decay "
+        "does; the average becomes the base model and the manifest also records the last "
+        "weights' caption-match. None: the last weights.",
+    )
     segmenter_steps: int = Field(400, ge=0, description="Training steps of the toy segmenter.")
     batch_size: int = Field(32, ge=1, description="Batch size of the toy VAE and segmenter.")
     vae_kl_weight: float = Field(

@@ -98,10 +98,11 @@ def test_segmenter_trains_alike_in_a_side_process(tmp_path):
 
 
 def test_unet_trained_by_two_processes_equals_one_process_on_the_whole_batch(tmp_path):
-    """Data-parallel bootstrap training: each process takes half of every batch, gradients averaged."""
+    """Data-parallel bootstrap training: each process takes half of every batch, gradients
+    averaged; the weight average comes back from the processes as one process keeps it."""
     from unifl.models.base import save_base_model
     from unifl.models.toy_presets import build_toy_model
-    from unifl.toy.bootstrap import train_denoiser, train_denoiser_in_processes
+    from unifl.toy.bootstrap import denoiser_ema, train_denoiser, train_denoiser_in_processes
     from unifl.toy.dataset import generate_toy_batch
 
     batch = generate_toy_batch(12, seed=4, resolution=32)
@@ -112,17 +113,22 @@ def test_unet_trained_by_two_processes_equals_one_process_on_the_whole_batch(tmp
     model = build_toy_model("toy-sd15", seed=2)
     save_base_model(model, tmp_path / "base")
 
-    two = train_denoiser_in_processes(
+    two, averages = train_denoiser_in_processes(
         tmp_path / "base",
         images,
         batch.captions,
         2,
         ProjectConfig(num_threads=1),
         progress=False,
+        ema_decay=0.5,
         **training,
     )
-    one = train_denoiser(model, images, batch.captions, progress=False, **training)
+    ema = denoiser_ema(model, 0.5)
+    one = train_denoiser(model, images, batch.captions, progress=False, ema=ema, **training)
     assert two["unet_loss"] == pytest.approx(one["unet_loss"], rel=1e-5)
+    assert averages is not None and averages.keys() == ema.shadow.keys()
+    for name, average in averages.items():
+        torch.testing.assert_close(average, ema.shadow[name], atol=0.05 * 1e-3, rtol=0)
 
     def flat(*modules):
         return torch.cat([p.detach().reshape(-1) for m in modules for p in m.parameters()])
@@ -137,6 +143,54 @@ def test_unet_trained_by_two_processes_equals_one_process_on_the_whole_batch(tmp
     # so a few elements differ a little; a wrong split or a missing reduction moves all.
     assert difference.max() < 0.05 * update.abs().max()
     assert (difference > 1e-6).float().mean() < 1e-3
+
+
+def test_unet_weight_average_by_hand():
+    """One step: the average is min(decay, 1/10) of the initial weights and the rest the new."""
+    from unifl.models.toy_presets import build_toy_model
+    from unifl.toy.bootstrap import denoiser_ema, denoiser_parameters, train_denoiser
+    from unifl.toy.dataset import generate_toy_batch
+
+    batch = generate_toy_batch(8, seed=4, resolution=32)
+    model = build_toy_model("toy-sd15", seed=2)
+    initial = {name: p.detach().clone() for name, p in denoiser_parameters(model).items()}
+    assert any(name.startswith("text_encoder_0.") for name in initial)
+    ema = denoiser_ema(model, 0.5)
+    train_denoiser(model, batch.image_tensor(), batch.captions, 1, 4, 1e-3, 0.0, 9, ema=ema,
+                   progress=False)  # fmt: skip
+    trained = denoiser_parameters(model)
+    moved = max((trained[n] - initial[n]).abs().max().item() for n in initial)
+    assert moved > 1e-4
+    for name, start in initial.items():
+        expected = 0.1 * start + 0.9 * trained[name].detach()
+        torch.testing.assert_close(ema.shadow[name], expected, rtol=0, atol=1e-6)
+    assert denoiser_ema(model, None) is None
+
+
+def test_bootstrap_saves_the_weight_average_beside_its_last_weights_baseline(
+    ci_bootstrap, tmp_path
+):
+    """bootstrap.unet_ema_decay trains as the plain bootstrap does and saves the average; the
+    manifest's last-weights caption-match is the plain bootstrap's own figure."""
+    plain = load_params(None, preset="ci", overrides=[f"bootstrap.cache_dir={tmp_path}"])
+    params = load_params(
+        None,
+        preset="ci",
+        overrides=[f"bootstrap.cache_dir={tmp_path}", "bootstrap.unet_ema_decay=0.9"],
+    )
+    assert config_hash(params) != config_hash(plain)
+    averaged = bootstrap_toy_world(params, progress=False)
+    metrics, baseline = averaged.manifest["metrics"], ci_bootstrap.manifest["metrics"]
+    assert metrics["unet_loss"] == baseline["unet_loss"]  # the average does not touch training
+    last = metrics["caption_match_base_20_steps_last_weights"]
+    assert last == baseline["caption_match_base_20_steps"]
+    assert "caption_match_base_20_steps_last_weights" not in baseline
+
+    def unet_weights(result):
+        return load_base_model(result.base_model_dir).unet.conv_out.weight.detach()
+
+    difference = (unet_weights(averaged) - unet_weights(ci_bootstrap)).abs().max()
+    assert difference > 1e-6
 
 
 def test_timestep_sampling():

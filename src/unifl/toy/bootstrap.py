@@ -45,7 +45,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,9 @@ from tqdm.auto import tqdm
 from unifl.config import Params, ProjectConfig
 from unifl.io import atomic_directory, write_json
 from unifl.models.precision import adamw, apply_num_threads
+
+if TYPE_CHECKING:
+    from unifl.feedback.trainer import ExponentialMovingAverage
 
 BOOTSTRAP_FORMAT = "unifl-toy-bootstrap/3"
 """Bumped whenever the toy models or their training change, so stale caches are retrained."""
@@ -95,7 +98,13 @@ def bootstrap_config(params: Params) -> dict[str, Any]:
         "format": BOOTSTRAP_FORMAT,
         "seed": params.project.seed,
         "toy": params.toy.model_dump(mode="json"),
-        "bootstrap": params.bootstrap.model_dump(mode="json", exclude={"cache_dir"}),
+        # A setting added later enters the key only when it is on, so that the bootstraps
+        # trained before it keep their cache.
+        "bootstrap": params.bootstrap.model_dump(
+            mode="json",
+            exclude={"cache_dir"}
+            | ({"unet_ema_decay"} if params.bootstrap.unet_ema_decay is None else set()),
+        ),
         # Processes sum gradients in another order than one process: other bits.
         "processes": training_processes(params),
     }
@@ -258,8 +267,12 @@ def train_denoiser(
     progress: bool = True,
     rank: int = 0,
     world_size: int = 1,
+    ema: ExponentialMovingAverage | None = None,
 ) -> dict[str, float]:
     """Train the UNet and text encoder(s) with the noise-prediction objective.
+
+    `ema` (over `denoiser_parameters(model)`) is updated after every step; the
+    model keeps its last weights.
 
     Timesteps are drawn by `sample_timesteps` (`timestep_sampling`, with
     `logit_normal` = (mean, std)); `min_snr_gamma` weights each sample's MSE
@@ -284,6 +297,7 @@ def train_denoiser(
     scale = float(model.vae.config.scaling_factor)
     trainable = [model.unet, *model.text_encoders()]
     parameters = [p for module in trainable for p in module.parameters()]
+    named = denoiser_parameters(model)
     for module in trainable:
         module.train().requires_grad_(True)
     optimizer = adamw(parameters, lr=learning_rate, weight_decay=1e-4)
@@ -324,11 +338,34 @@ def train_denoiser(
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
+        if ema is not None:
+            ema.update(named)
         loss_ema = value if math.isnan(loss_ema) else 0.98 * loss_ema + 0.02 * value
         bar.set_postfix(loss=f"{loss_ema:.4f}")
     for module in trainable:
         module.eval().requires_grad_(False)
     return {"unet_loss": loss_ema}
+
+
+def denoiser_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """The parameters the bootstrap trains (UNet, text encoders), by a name unique across them."""
+    modules = {"unet": model.unet} | {
+        f"text_encoder_{i}": encoder for i, encoder in enumerate(model.text_encoders())
+    }
+    return {
+        f"{prefix}.{name}": parameter
+        for prefix, module in modules.items()
+        for name, parameter in module.named_parameters()
+    }
+
+
+def denoiser_ema(model, decay: float | None) -> ExponentialMovingAverage | None:
+    """An EMA of the bootstrap's trained parameters (`bootstrap.unet_ema_decay`), or None."""
+    if decay is None:
+        return None
+    from unifl.feedback.trainer import ExponentialMovingAverage
+
+    return ExponentialMovingAverage(denoiser_parameters(model), decay)
 
 
 def _average_gradients(parameters: list[torch.nn.Parameter], loss: torch.Tensor) -> float:
@@ -353,27 +390,32 @@ def train_denoiser_in_processes(
     processes: int,
     project: ProjectConfig,
     progress: bool = True,
+    ema_decay: float | None = None,
     **training: Any,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, torch.Tensor] | None]:
     """`train_denoiser` on `processes` CPU processes (gloo) for the model saved in `model_dir`.
 
     Every process loads the model from `model_dir`; the first writes the
-    trained one back there. `training` takes `train_denoiser`'s other arguments.
+    trained one (its last weights) back there. `training` takes
+    `train_denoiser`'s other arguments. Returns the metrics and, with
+    `ema_decay`, the moving averages by `denoiser_parameters` name.
     """
     import tempfile
 
     import torch.multiprocessing as mp
+    from safetensors.torch import load_file
 
     with tempfile.TemporaryDirectory(prefix="unifl-unet-") as scratch:
         metrics_path = Path(scratch) / "metrics.json"
         mp.spawn(
             _denoiser_process,
             args=(processes, Path(scratch) / "rendezvous", model_dir, metrics_path,
-                  images, captions, project, progress, training),
+                  images, captions, project, progress, ema_decay, training),
             nprocs=processes,
             join=True,
         )  # fmt: skip
-        return json.loads(metrics_path.read_text())
+        averages = load_file(metrics_path.with_suffix(".safetensors")) if ema_decay else None
+        return json.loads(metrics_path.read_text()), averages
 
 
 def _denoiser_process(
@@ -386,9 +428,11 @@ def _denoiser_process(
     captions: list[str],
     project: ProjectConfig,
     progress: bool,
+    ema_decay: float | None,
     training: dict[str, Any],
 ) -> None:
     import torch.distributed as dist
+    from safetensors.torch import save_file
 
     from unifl.models.base import load_base_model, save_base_model
 
@@ -398,6 +442,8 @@ def _denoiser_process(
     )
     try:
         model = load_base_model(model_dir)
+        # Every process applies the same averaged update, so each one's average is the same.
+        ema = denoiser_ema(model, ema_decay)
         metrics = train_denoiser(
             model,
             images,
@@ -405,10 +451,13 @@ def _denoiser_process(
             progress=progress and rank == 0,
             rank=rank,
             world_size=processes,
+            ema=ema,
             **training,
         )
         if rank == 0:
             save_base_model(model, model_dir)
+            if ema is not None:
+                save_file(ema.shadow, metrics_path.with_suffix(".safetensors"))
             write_json(metrics_path, metrics)
     finally:
         dist.destroy_process_group()
@@ -608,23 +657,27 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
             seed=seed,
         )
         if processes == 1:
+            ema = denoiser_ema(model, boot.unet_ema_decay)
             metrics.update(
-                train_denoiser(model, images, train.captions, progress=progress, **training)
-            )
-            save_base_model(model, tmp / "base")
-        else:
-            save_base_model(model, tmp / "base")
-            metrics.update(
-                train_denoiser_in_processes(
-                    tmp / "base",
-                    images,
-                    train.captions,
-                    processes,
-                    params.project,
-                    progress,
-                    **training,
+                train_denoiser(
+                    model, images, train.captions, progress=progress, ema=ema, **training
                 )
             )
+            save_base_model(model, tmp / "base")
+            averages = None if ema is None else ema.shadow
+        else:
+            save_base_model(model, tmp / "base")
+            unet_metrics, averages = train_denoiser_in_processes(
+                tmp / "base",
+                images,
+                train.captions,
+                processes,
+                params.project,
+                progress,
+                ema_decay=boot.unet_ema_decay,
+                **training,
+            )
+            metrics.update(unet_metrics)
             model = load_base_model(tmp / "base")
         timings["unet_s"] = time.perf_counter() - clock
         timings["segmenter_s"] = segmenter_metrics["seconds"]
@@ -632,15 +685,27 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
         segmenter = ToySegmenter.load(tmp / "segmenter")
 
         clock = time.perf_counter()
+
+        def sample_eval_captions() -> torch.Tensor:
+            return generate(
+                model,
+                evaluation.captions,
+                steps=params.sampling.steps,
+                guidance_scale=params.sampling.guidance_scale,
+                seed=seed,
+                progress=progress,
+            )
+
+        if averages is not None:
+            # The last weights' samples, the baseline of the average in the same run.
+            last = caption_match(segmenter, sample_eval_captions(), evaluation.captions)
+            metrics["caption_match_base_20_steps_last_weights"] = float(last.rate)
+            with torch.no_grad():
+                for name, parameter in denoiser_parameters(model).items():
+                    parameter.copy_(averages[name])
+            save_base_model(model, tmp / "base")
         real = caption_match(segmenter, evaluation.image_tensor(), evaluation.captions)
-        samples = generate(
-            model,
-            evaluation.captions,
-            steps=params.sampling.steps,
-            guidance_scale=params.sampling.guidance_scale,
-            seed=seed,
-            progress=progress,
-        )
+        samples = sample_eval_captions()
         generated = caption_match(segmenter, samples, evaluation.captions)
         metrics["caption_match_real"] = float(real.rate)
         metrics["caption_match_base_20_steps"] = float(generated.rate)
