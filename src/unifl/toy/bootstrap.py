@@ -18,7 +18,9 @@ Training recipe:
    composition and the objects' shapes are decided; 'uniform' with the
    optional Min-SNR weighting `min_snr_gamma` is SD's own recipe), captions
    dropped to "" with probability `caption_dropout` so classifier-free
-   guidance works.
+   guidance works; with `unet_ema_decay` the moving average of their weights
+   becomes the base model, and the manifest keeps the last weights'
+   caption-match beside it.
 
 Every trainer uses AdamW fused into one kernel (`unifl.models.precision.adamw`).
 
