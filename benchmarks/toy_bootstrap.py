@@ -17,7 +17,9 @@ each rate it prints its chance level: the same images scored against another
 image's caption. With several `--seeds` (`project.seed`: the weights' and the
 samples' seed) every seed is trained from scratch and the rates are printed
 per seed and as mean ± std: the spread over seeds is the noise a single
-figure carries.
+figure carries. With `--set bootstrap.unet_ema_decay=D` it also prints the
+weight average's caption-match against the last weights of the same
+training (the bootstrap's own check, from its manifest), paired by seed.
 """
 
 from __future__ import annotations
