@@ -30,7 +30,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from toy_table import build_data, evaluate, gap_closed, mean_std, run_jobs, with_seed
+from toy_table import (
+    build_data,
+    evaluate,
+    gap_closed,
+    mean_std,
+    run_jobs,
+    toy_arguments,
+    with_seed,
+)
 
 METRICS = ("caption_match", "frechet")
 TREND_WINDOW = 100  # steps at each end of a run over which the discriminator's logit is averaged
@@ -79,10 +87,7 @@ def discriminator_trend(history: Path) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--preset", default=None)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    toy_arguments(parser, seeds=[0, 1])
     parser.add_argument("--schedules", type=int, nargs="+", default=[20, 4])
     parser.add_argument("--out", type=Path, default=Path("runs/adversarial_schedule"))
     parser.add_argument("--data", type=Path, default=Path("runs/toy_table"))

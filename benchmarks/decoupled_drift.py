@@ -25,10 +25,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from toy_table import evaluate, mean_std, run_jobs, with_seed
+from toy_table import evaluate, mean_std, run_jobs, toy_arguments, with_seed
 from unifl.config import DIMENSIONS
 
-START = "PeFL model"
+HINGE_WINDOW = 100  # first steps of the table's decoupled runs whose rewards are set against alpha
 
 
 def pefl_model(table: Path, seed: int) -> Path:
@@ -64,30 +64,59 @@ def run_one(params, boot, table: Path, out: Path, seed: int, group: str | None) 
     return evaluate(seeded, boot, reward, result.model_dir, run_dir / f"eval-{group}")
 
 
-def real_oracle(params, boot) -> dict[str, float]:
-    """Oracle means of the real held-out images, the layout oracle on the segmenter's masks as
-    the evaluation reads generated images."""
+def real_metrics(boot) -> dict[str, float]:
+    """The evaluation's per-image toy metrics of the real held-out images, averaged (the layout
+    oracle on the segmenter's masks, as for generated images), and their single-object share."""
+    from unifl.evaluation.evaluate import CAPTION_OBJECTS, image_metrics
     from unifl.models.segmenter import ToySegmenter
-    from unifl.toy.caption_match import predicted_masks
     from unifl.toy.dataset import images_to_tensor, load_toy_arrays
-    from unifl.toy.oracle import oracle_scores
 
     arrays = load_toy_arrays(boot.eval_data_dir)
-    images = images_to_tensor(arrays.images)
-    masks = predicted_masks(ToySegmenter.load(boot.segmenter_dir), images)
-    scores = oracle_scores(images, list(arrays.captions), masks)
-    return {f"oracle_{d}_20steps": float(scores[d].mean()) for d in DIMENSIONS}
+    metrics = image_metrics(
+        images_to_tensor(arrays.images),
+        arrays.captions,
+        segmenter=ToySegmenter.load(boot.segmenter_dir),
+    )
+    summary = {f"oracle_{d}_20steps": float(metrics[f"oracle_{d}"].mean()) for d in DIMENSIONS}
+    summary["single_object"] = float((metrics[CAPTION_OBJECTS] == 1).float().mean())
+    return summary
+
+
+def single_object_share(prompts: list[str]) -> float:
+    """The share of toy prompts that name one object."""
+    from unifl.toy.world import parse_caption
+
+    return sum(len(parse_caption(p).objects) == 1 for p in prompts) / len(prompts)
+
+
+def hinge_lines(table: Path, seeds: list[int]) -> list[str]:
+    """Per seed, the range over gradient steps t of the mean reward of the x0 predictions that
+    the table's decoupled run scored in its first HINGE_WINDOW steps, beside alpha_d."""
+    import json
+
+    import pandas as pd
+
+    config = json.loads((table / "data" / "reward" / "model" / "reward_config.json").read_text())
+    lines = []
+    for seed in seeds:
+        history = table / f"seed-{seed}" / "decoupled" / "history.csv"
+        rows = pd.read_csv(history).sort_values("step").head(HINGE_WINDOW)
+        by_step = rows.groupby("t")[[f"reward_{d}" for d in DIMENSIONS]].mean()
+        cells = ", ".join(
+            f"{d} {by_step[f'reward_{d}'].min():.2f} to {by_step[f'reward_{d}'].max():.2f} "
+            f"(alpha {config['alphas'][d]:.2f})"
+            for d in DIMENSIONS
+        )
+        lines.append(f"  seed {seed}: {cells}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--preset", default=None)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    toy_arguments(parser, seeds=[0, 1, 2])
     parser.add_argument(
         "--groups",
-        nargs="+",
+        nargs="*",
         default=["+".join(DIMENSIONS), "color+lighting", "layout+detail"],
         help="dimension groups trained one at a time, dimensions joined by '+'",
     )
@@ -107,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             *(pefl_model(args.start, s) for s in args.seeds),
             args.start / "data" / "reward" / "model",
             args.start / "data" / "prompts",
+            *(args.start / f"seed-{s}" / "decoupled" / "history.csv" for s in args.seeds),
         )
         if not path.exists()
     ]
@@ -127,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str | None, list[dict]] = {v: [] for v in variants}
     for job, summary in zip(jobs, summaries, strict=True):
         results[job[-1]].append(summary)
-    real = real_oracle(params, boot)
+    real = real_metrics(boot)
+    from unifl.data.prompts import read_prompts
+
+    prompts = list(read_prompts(args.start / "data" / "prompts")["prompt"])
 
     oracle_keys = [f"oracle_{d}_20steps" for d in DIMENSIONS]
     print(
@@ -144,10 +177,21 @@ def main(argv: list[str] | None = None) -> int:
         return f"{mean:.4f} ± {std:.4f}"
 
     for variant in variants:
-        name = START if variant is None else f"+decoupled {variant}"
+        name = "PeFL model" if variant is None else f"+decoupled {variant}"
         keys = [*oracle_keys, "frechet_20steps"]
         print(f"{name:<40}" + "".join(f"{cell(variant, k):>18}" for k in keys))
-    print("change over the PeFL model, paired by seed (mean ± std):")
+    print(
+        f"the table's decoupled FL on its training prompts, first {HINGE_WINDOW} steps: mean "
+        "reward of the scored x0 predictions by gradient step t, lowest to highest"
+    )
+    print("\n".join(hinge_lines(args.start, args.seeds)))
+    print(
+        f"prompts naming one object: training prompts {single_object_share(prompts):.1%}, "
+        f"held-out captions {real['single_object']:.1%}"
+    )
+    before = mean_std([r["frechet_20steps"] for r in results[None]])[0]
+    if args.groups:
+        print("change over the PeFL model, paired by seed (mean ± std):")
     for variant in args.groups:
 
         def change(key: str, variant: str = variant) -> str:
@@ -155,7 +199,6 @@ def main(argv: list[str] | None = None) -> int:
             mean, std = mean_std(diffs)
             return f"{key.removesuffix('_20steps')} {mean:+.4f} ± {std:.4f}"
 
-        before = mean_std([r["frechet_20steps"] for r in results[None]])[0]
         after = mean_std([r["frechet_20steps"] for r in results[variant]])[0]
         rewards = ", ".join(change(f"reward_{d}_20steps") for d in variant.split("+"))
         print(

@@ -237,12 +237,17 @@ def direction_checks(results: dict[str, list[dict[str, float]]]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def toy_arguments(parser: argparse.ArgumentParser, seeds: list[int]) -> None:
+    """The options every toy-world benchmark takes: configuration and training seeds."""
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--preset", default=None)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=seeds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    toy_arguments(parser, seeds=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/toy_table"))
     parser.add_argument(
         "--jobs", type=int, default=1, help="seeds trained side by side, one process each"

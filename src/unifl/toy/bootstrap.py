@@ -100,13 +100,7 @@ def bootstrap_config(params: Params) -> dict[str, Any]:
         "format": BOOTSTRAP_FORMAT,
         "seed": params.project.seed,
         "toy": params.toy.model_dump(mode="json"),
-        # A setting added later enters the key only when it is on, so that the bootstraps
-        # trained before it keep their cache.
-        "bootstrap": params.bootstrap.model_dump(
-            mode="json",
-            exclude={"cache_dir"}
-            | ({"unet_ema_decay"} if params.bootstrap.unet_ema_decay is None else set()),
-        ),
+        "bootstrap": params.bootstrap.model_dump(mode="json", exclude={"cache_dir"}),
         # Processes sum gradients in another order than one process: other bits.
         "processes": training_processes(params),
     }
@@ -298,8 +292,8 @@ def train_denoiser(
     means, stds = encode_dataset(model.vae, images)
     scale = float(model.vae.config.scaling_factor)
     trainable = [model.unet, *model.text_encoders()]
-    parameters = [p for module in trainable for p in module.parameters()]
     named = denoiser_parameters(model)
+    parameters = list(named.values())
     for module in trainable:
         module.train().requires_grad_(True)
     optimizer = adamw(parameters, lr=learning_rate, weight_decay=1e-4)
@@ -665,7 +659,6 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
                     model, images, train.captions, progress=progress, ema=ema, **training
                 )
             )
-            save_base_model(model, tmp / "base")
             averages = None if ema is None else ema.shadow
         else:
             save_base_model(model, tmp / "base")
@@ -705,6 +698,7 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
             with torch.no_grad():
                 for name, parameter in denoiser_parameters(model).items():
                     parameter.copy_(averages[name])
+        if processes == 1 or averages is not None:  # else the training process saved it
             save_base_model(model, tmp / "base")
         real = caption_match(segmenter, evaluation.image_tensor(), evaluation.captions)
         samples = sample_eval_captions()
