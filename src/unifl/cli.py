@@ -742,7 +742,10 @@ def stage_decoupled(
     out: StageOutOpt,
     data: Annotated[
         Path | None,
-        typer.Option("--data", help="Real images for the MSE regulariser (trainer.mse_weight)."),
+        typer.Option(
+            "--data",
+            help="Real images for the MSE regulariser (decoupled.mse_weight).",
+        ),
     ] = None,
     params: ParamsOpt = Path("params.yaml"),
     preset: PresetOpt = None,

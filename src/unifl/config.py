@@ -344,7 +344,8 @@ class TrainerConfig(Section):
         0.0,
         ge=0,
         description="Weight of the optional noise-prediction MSE regulariser on real latents "
-        "(paper: 0; ImageReward advises one against over-fitting the reward).",
+        "(paper: 0; ImageReward advises one against over-fitting the reward); a stage's own "
+        "mse_weight (decoupled) overrides it.",
     )
     lora_alpha: float | None = Field(
         None, gt=0, description="LoRA alpha; none: the rank (adapter scale 1)."
@@ -432,6 +433,13 @@ class DecoupledConfig(Section):
         gt=0,
         description="Scale of L_aes in every stage (ImageReward: 1e-3); it sets L_aes against "
         "L_pefl, L_G and the MSE regulariser.",
+    )
+    mse_weight: float | None = Field(
+        None,
+        ge=0,
+        description="Weight of the noise-prediction MSE regulariser in this stage; none: "
+        "trainer.mse_weight. This stage alone scores samples from pure noise with nothing from "
+        "the real images, so it is where a reward pulls the model away from them.",
     )
 
 
@@ -675,6 +683,12 @@ class Params(Section):
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    def mse_weight(self, stage: str) -> float:
+        """The MSE regulariser's weight in `stage`: the stage's own `mse_weight` where it has
+        one set, else `trainer.mse_weight`."""
+        own = getattr(getattr(self, stage, None), "mse_weight", None)
+        return self.trainer.mse_weight if own is None else own
 
 
 def preset_path(name: str) -> Path:

@@ -26,6 +26,16 @@ def test_layers_apply_in_order(tmp_path):
     assert params.sampling.steps == 20  # a default nobody changed
 
 
+def test_a_stage_mse_weight_overrides_the_trainer_one_for_that_stage_only():
+    assert Params().mse_weight("decoupled") == 0  # the paper's objective has no MSE term
+    params = load_params(None, overrides=["trainer.mse_weight=0.3"])
+    assert [params.mse_weight(s) for s in ("pefl", "decoupled", "adversarial")] == [0.3] * 3
+    params = load_params(None, overrides=["trainer.mse_weight=0.3", "decoupled.mse_weight=0"])
+    assert [params.mse_weight(s) for s in ("pefl", "decoupled", "adversarial")] == [0.3, 0, 0.3]
+    params = load_params(None, overrides=["decoupled.mse_weight=0.02"])
+    assert [params.mse_weight(s) for s in ("pefl", "decoupled", "adversarial")] == [0, 0.02, 0]
+
+
 def test_unknown_key_names_the_key_and_the_file(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("pefl:\n  stpes: 7\n")

@@ -92,10 +92,11 @@ def test_pefl_runs_one_step(inputs, tmp_path):
     assert 0 <= result.history[0]["t"] <= 1 and "final_t" not in metrics
 
 
-def test_decoupled_runs_one_step_with_the_mse_regulariser(inputs, tmp_path):
+@pytest.mark.parametrize("weight", ["trainer.mse_weight=0.5", "decoupled.mse_weight=0.5"])
+def test_decoupled_runs_one_step_with_the_mse_regulariser(inputs, tmp_path, weight):
     family = load_base_model(inputs / "base").family
     result = run_decoupled(
-        params("trainer.mse_weight=0.5"),
+        params(weight),
         inputs / "base",
         inputs / "data",  # its captions are the prompts; its images feed the regulariser
         inputs / "reward",
@@ -181,8 +182,10 @@ def test_stage_settings_that_cannot_work_are_named(inputs, tmp_path):
         PeflTrainer(build_toy_model("toy-sd15", resolution=64), images, None, params(), tmp_path)
     with pytest.raises(ValueError, match=r"decoupled.max_step \(5\) must be below"):
         DecoupledTrainer(model, reward, ["a"], params("decoupled.max_step=5"), tmp_path)
-    with pytest.raises(ValueError, match="trainer.mse_weight > 0 needs real images"):
+    with pytest.raises(ValueError, match=r"MSE regulariser \(weight 0.1: decoupled.mse_weight"):
         DecoupledTrainer(model, reward, ["a"], params("trainer.mse_weight=0.1"), tmp_path)
+    with pytest.raises(ValueError, match="needs real images: pass regulariser_data"):
+        DecoupledTrainer(model, reward, ["a"], params("decoupled.mse_weight=0.1"), tmp_path)
     with pytest.raises(ValueError, match="at least one prompt"):
         DecoupledTrainer(model, reward, [], params(), tmp_path)
     with pytest.raises(ValueError, match=r"adversarial.max_step \(4\) must not exceed"):

@@ -16,7 +16,8 @@ that `L_aes` is one quantity and the stage weights are relative to it.
 
 Prompts come from the curated (actively selected) prompt table, or any prompt
 list. The optional MSE regulariser needs real latents: give `regulariser_data`
-(a toy-format image directory) when `trainer.mse_weight > 0`.
+(a toy-format image directory) when its weight is above 0 (`decoupled.mse_weight`,
+else `trainer.mse_weight`).
 """
 
 from __future__ import annotations
@@ -141,10 +142,11 @@ class DecoupledTrainer(FeedbackTrainer):
                 f"decoupled.max_step ({config.max_step}) must be below trainer.num_inference_steps "
                 f"({steps})"
             )
-        if params.trainer.mse_weight > 0 and regulariser_data is None:
+        mse_weight = params.mse_weight("decoupled")
+        if mse_weight > 0 and regulariser_data is None:
             raise ValueError(
-                "trainer.mse_weight > 0 needs real images for the MSE regulariser: pass "
-                "regulariser_data (CLI: --data)"
+                f"the MSE regulariser (weight {mse_weight}: decoupled.mse_weight, else "
+                "trainer.mse_weight) needs real images: pass regulariser_data (CLI: --data)"
             )
         super().__init__(
             model,
@@ -161,7 +163,7 @@ class DecoupledTrainer(FeedbackTrainer):
         self.reward_model = self.frozen(reward_model)
         self.regulariser_data = regulariser_data
         self.regulariser_stream = None
-        if regulariser_data is not None and params.trainer.mse_weight > 0:
+        if regulariser_data is not None and mse_weight > 0:
             self.regulariser_stream = DataStream(
                 len(regulariser_data),
                 self.config.batch_size,

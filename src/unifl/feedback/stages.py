@@ -226,7 +226,8 @@ def run_decoupled(
 ) -> StageResult:
     """Decoupled aesthetic feedback learning on a prompt set (`prompts`: a file or a list).
 
-    `data` (real images) is needed only for the MSE regulariser (`trainer.mse_weight > 0`).
+    `data` (real images) is needed only for the MSE regulariser (`decoupled.mse_weight`, else
+    `trainer.mse_weight`, above 0).
     """
     from unifl.feedback.decoupled import DecoupledTrainer
 

@@ -924,11 +924,12 @@ class FeedbackTrainer:
         generator: torch.Generator,
     ) -> Tensor:
         """`loss` plus the weighted MSE regulariser (logged as `mse`) when its weight is set."""
-        if self.config.mse_weight <= 0:
+        weight = self.params.mse_weight(self.stage_name)
+        if weight <= 0:
             return loss
         mse = self.noise_regulariser(latents, embeds, generator)
         logs["mse"] = float(mse.detach())
-        return loss + self.config.mse_weight * mse
+        return loss + weight * mse
 
     def noise_regulariser(
         self, latents: Tensor, embeds: PromptEmbeds, generator: torch.Generator

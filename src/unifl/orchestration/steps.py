@@ -719,10 +719,10 @@ def decoupled_step(
     """Stage 1b: decoupled aesthetic feedback learning on the actively selected prompts.
 
     The real images (`train_data_dir`) are used only by the optional noise-prediction
-    regulariser (`trainer.mse_weight > 0`).
+    regulariser (`decoupled.mse_weight`, else `trainer.mse_weight`, above 0).
     """
     params = as_params(params)
-    use_data = train_data_dir not in (None, "") and params.trainer.mse_weight > 0
+    use_data = train_data_dir not in (None, "") and params.mse_weight("decoupled") > 0
     inputs = {
         "base": tuned_model(model_dir),
         "prompts": str(prompts_dir),
