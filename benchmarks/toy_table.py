@@ -231,7 +231,14 @@ def direction_checks(results: dict[str, list[dict[str, float]]]) -> list[str]:
             f"base 20 steps {base_20:.3f}, tuned 4 steps {tuned_4:.3f}: "
         )
         if not math.isnan(closed):
-            lines.append(f"{measured}{closed * 100:.0f}% of the gap -> {verdict(closed >= 0.5)}")
+            per_seed = " / ".join(
+                f"{gap_closed(results['base'], [run], metric)[3] * 100:.0f}%"
+                for run in results["+adversarial"]
+            )
+            lines.append(
+                f"{measured}{closed * 100:.0f}% of the gap (per seed {per_seed}) "
+                f"-> {verdict(closed >= 0.5)}"
+            )
         else:
             lines.append(f"{measured}no gap: the base model's 4 steps are not worse -> not judged")
     return lines

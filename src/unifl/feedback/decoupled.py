@@ -142,7 +142,7 @@ class DecoupledTrainer(FeedbackTrainer):
                 f"decoupled.max_step ({config.max_step}) must be below trainer.num_inference_steps "
                 f"({steps})"
             )
-        mse_weight = params.mse_weight("decoupled")
+        mse_weight = params.mse_weight(self.stage_name)
         if mse_weight > 0 and regulariser_data is None:
             raise ValueError(
                 f"the MSE regulariser (weight {mse_weight}: decoupled.mse_weight, else "
@@ -163,7 +163,7 @@ class DecoupledTrainer(FeedbackTrainer):
         self.reward_model = self.frozen(reward_model)
         self.regulariser_data = regulariser_data
         self.regulariser_stream = None
-        if regulariser_data is not None and mse_weight > 0:
+        if regulariser_data is not None and self.mse_weight > 0:
             self.regulariser_stream = DataStream(
                 len(regulariser_data),
                 self.config.batch_size,

@@ -624,6 +624,7 @@ class FeedbackTrainer:
     ) -> None:
         self.params = params
         self.config = params.trainer
+        self.mse_weight = params.mse_weight(self.stage_name)
         self.out_dir = Path(out_dir)
         self.steps = int(steps)
         self.metrics_callback = metrics_callback
@@ -924,12 +925,11 @@ class FeedbackTrainer:
         generator: torch.Generator,
     ) -> Tensor:
         """`loss` plus the weighted MSE regulariser (logged as `mse`) when its weight is set."""
-        weight = self.params.mse_weight(self.stage_name)
-        if weight <= 0:
+        if self.mse_weight <= 0:
             return loss
         mse = self.noise_regulariser(latents, embeds, generator)
         logs["mse"] = float(mse.detach())
-        return loss + weight * mse
+        return loss + self.mse_weight * mse
 
     def noise_regulariser(
         self, latents: Tensor, embeds: PromptEmbeds, generator: torch.Generator
