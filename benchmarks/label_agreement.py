@@ -25,31 +25,24 @@ import sys
 from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("data", type=Path, help="directory with labels/, pairs/ and reward/")
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--preset", default=None)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    args = parser.parse_args(argv)
-
+def oracle_agreement(params, data: Path, reward_dir: Path) -> dict[str, dict[str, float]]:
+    """Per dimension: decided pairs, the share with equal oracle scores, and how often the
+    labels and the reward model in `reward_dir` (its `model/` and `split.json`) prefer the
+    image the oracle scores higher, on training and on validation prompts, with the counts."""
     import numpy as np
     import pandas as pd
     import torch
 
-    from unifl.config import DIMENSIONS, load_params
+    from unifl.config import DIMENSIONS
     from unifl.feedback.images import ImageStore
     from unifl.feedback.reward_training import score_rows
     from unifl.labeling.annotators import load_scorer
-    from unifl.models.precision import apply_num_threads
     from unifl.models.reward import DecoupledRewardModel
 
-    params = load_params(args.params, preset=args.preset, overrides=args.overrides)
-    apply_num_threads(params.project)
-    pairs_dir = args.data / "pairs"
-    table = pd.read_parquet(args.data / "labels" / "pairs.parquet")
+    pairs_dir = data / "pairs"
+    table = pd.read_parquet(data / "labels" / "pairs.parquet")
     decided = table[table["dimension"].isin(DIMENSIONS) & ~table["tie"]].reset_index(drop=True)
-    val_prompts = set(json.loads((args.data / "reward" / "split.json").read_text())["val_prompts"])
+    val_prompts = set(json.loads((reward_dir / "split.json").read_text())["val_prompts"])
     is_val = decided["prompt"].isin(val_prompts).to_numpy()
 
     scorer = load_scorer(params.labeling.scorer, params)
@@ -61,25 +54,53 @@ def main(argv: list[str] | None = None) -> int:
         rows = (decided["dimension"] == dimension).to_numpy()
         oracle_gap[rows] = (preferred[dimension] - other[dimension])[rows]
 
-    model = DecoupledRewardModel.load(args.data / "reward" / "model")
+    model = DecoupledRewardModel.load(reward_dir / "model")
     with torch.no_grad():
         reward_w, reward_l = score_rows(model, ImageStore(pairs_dir), decided)
-    reward_gap = (reward_w - reward_l).numpy()
-    agrees = np.sign(reward_gap) == np.sign(oracle_gap)
+    agrees = np.sign((reward_w - reward_l).numpy()) == np.sign(oracle_gap)
 
-    def share(mask: np.ndarray, hits: np.ndarray) -> str:
-        """Share of `hits` among `mask`, with the count."""
-        return f"{hits[mask].mean():.3f} ({mask.sum()})" if mask.any() else "-"
-
-    header = f"{'dimension':<10} {'decided':>8} {'equal oracle':>13} {'labels = oracle':>16}"
-    print(f"{header} {'reward = oracle (train)':>24} {'(validation)':>13}")
+    result = {}
     for dimension in DIMENSIONS:
         rows = (decided["dimension"] == dimension).to_numpy()
         gap = rows & (oracle_gap != 0)
+        train, val = gap & ~is_val, gap & is_val
+        result[dimension] = {
+            "decided": int(rows.sum()),
+            "equal_oracle": 1 - gap.sum() / max(rows.sum(), 1),
+            "labels": float((oracle_gap > 0)[gap].mean()) if gap.any() else float("nan"),
+            "pairs": int(gap.sum()),
+            "reward_train": float(agrees[train].mean()) if train.any() else float("nan"),
+            "train_pairs": int(train.sum()),
+            "reward_val": float(agrees[val].mean()) if val.any() else float("nan"),
+            "val_pairs": int(val.sum()),
+        }
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", type=Path, help="directory with labels/, pairs/ and reward/")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--preset", default=None)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    args = parser.parse_args(argv)
+
+    from unifl.config import load_params
+    from unifl.models.precision import apply_num_threads
+
+    params = load_params(args.params, preset=args.preset, overrides=args.overrides)
+    apply_num_threads(params.project)
+    agreement = oracle_agreement(params, args.data, args.data / "reward")
+
+    header = f"{'dimension':<10} {'decided':>8} {'equal oracle':>13} {'labels = oracle':>16}"
+    print(f"{header} {'reward = oracle (train)':>24} {'(validation)':>13}")
+    for dimension, row in agreement.items():
+        labels = f"{row['labels']:.3f} ({row['pairs']})"
+        train = f"{row['reward_train']:.3f} ({row['train_pairs']})"
+        val = f"{row['reward_val']:.3f} ({row['val_pairs']})"
         print(
-            f"{dimension:<10} {rows.sum():>8} {1 - gap.sum() / max(rows.sum(), 1):>13.3f} "
-            f"{share(gap, oracle_gap > 0):>16} {share(gap & ~is_val, agrees):>24} "
-            f"{share(gap & is_val, agrees):>13}"
+            f"{dimension:<10} {row['decided']:>8} {row['equal_oracle']:>13.3f} "
+            f"{labels:>16} {train:>24} {val:>13}"
         )
     return 0
 

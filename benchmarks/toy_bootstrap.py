@@ -20,6 +20,8 @@ per seed and as mean ± std: the spread over seeds is the noise a single
 figure carries. With `--set bootstrap.unet_ema_decay=D` it also prints the
 weight average's caption-match against the last weights of the same
 training (the bootstrap's own check, from its manifest), paired by seed.
+It also prints the toy CLIP's image-to-caption retrieval on the held-out
+images against its random initialisation and chance (from the manifest).
 """
 
 from __future__ import annotations
@@ -182,6 +184,18 @@ def main(argv: list[str] | None = None) -> int:
             own = [rate for rate, _ in values]
             cells += f"  {statistics.fmean(own):.3f} ± {statistics.stdev(own):.3f}"
         print(f"  {name:<42}{cells}")
+    if all("clip_eval_retrieval" in manifest["metrics"] for *_, manifest, _ in runs):
+        print(
+            f"toy CLIP (the reward backbone, {params.bootstrap.clip_steps} contrastive steps): "
+            f"image-to-caption top-1 on the {captions} held-out images"
+        )
+        for name, key in (
+            ("pretrained", "clip_eval_retrieval"),
+            ("random init (baseline)", "clip_eval_retrieval_init"),
+            ("chance", "clip_eval_retrieval_chance"),
+        ):
+            cells = "".join(f"{manifest['metrics'][key]:14.3f}" for *_, manifest, _ in runs)
+            print(f"  {name:<42}{cells}")
     last_key = "caption_match_base_20_steps_last_weights"
     checks = [manifest["metrics"] for *_, manifest, _ in runs]
     if all(last_key in check for check in checks):

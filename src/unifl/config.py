@@ -103,6 +103,22 @@ class BootstrapConfig(Section):
         "weights' caption-match. None: the last weights.",
     )
     segmenter_steps: int = Field(400, ge=0, description="Training steps of the toy segmenter.")
+    clip_steps: int = Field(
+        600,
+        ge=0,
+        description="Contrastive pretraining steps of the toy CLIP, the backbone that "
+        "`reward.backbone: toy` puts the reward heads on, as production puts them on a "
+        "pretrained CLIP (unifl.toy.clip). 0: no pretraining, the reward models start from a "
+        "random toy CLIP.",
+    )
+    clip_batch_size: int = Field(
+        128, ge=2, description="Image-caption pairs per contrastive batch of the toy CLIP."
+    )
+    clip_learning_rate: float = Field(
+        2e-3,
+        gt=0,
+        description="AdamW learning rate of the toy CLIP (warm-up, then cosine decay to 5%).",
+    )
     batch_size: int = Field(32, ge=1, description="Batch size of the toy VAE and segmenter.")
     vae_kl_weight: float = Field(
         1e-6,
@@ -278,7 +294,10 @@ class LabelingConfig(Section):
 
 class RewardConfig(Section):
     backbone: str = Field(
-        "toy", description="CLIP-style backbone: 'toy' (tiny CLIP config), a path or a hub id."
+        "toy",
+        description="CLIP-style backbone: a CLIP checkpoint directory or hub id, or 'toy': the "
+        "bootstrap's contrastively pretrained tiny CLIP (a random one when "
+        "`bootstrap.clip_steps` is 0).",
     )
     epochs: int = Field(20, ge=1, description="Training epochs over the preference pairs.")
     batch_size: int = Field(32, ge=1, description="Pairs per batch.")
@@ -293,10 +312,11 @@ class RewardConfig(Section):
         description="alpha_d set by hand instead of calibrated (paper: detail works best lower).",
     )
     backbone_learning_rate: float = Field(
-        1e-3,
+        1e-4,
         ge=0,
         description="AdamW learning rate of the shared CLIP backbone; 0 freezes it (heads only). "
-        "The toy backbone is random and must learn; for a pretrained CLIP use ~1e-5.",
+        "A random backbone must learn (~1e-3); a pretrained one keeps what it knows at a "
+        "lower rate (the toy CLIP: 1e-4; OpenAI's CLIP: ~1e-5).",
     )
     head_hidden_dim: int = Field(
         128, ge=1, description="Hidden width of each dimension's MLP head."

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 from unifl.cli import app
 from unifl.config import ProjectConfig, load_params
 from unifl.models.base import load_base_model
+from unifl.models.reward import load_pretrained_reward_backbone
 from unifl.models.segmenter import ToySegmenter
 from unifl.toy.bootstrap import bootstrap_toy_world, config_hash, load_cached
 from unifl.toy.dataset import read_manifest
@@ -32,6 +33,14 @@ def test_outputs_load_and_manifest_records_measurements(ci_bootstrap):
     segmenter = ToySegmenter.load(result.segmenter_dir)
     images = torch.rand(2, 3, 32, 32)
     assert segmenter(images).shape[0] == 2
+
+    # The pretrained toy CLIP loads through the production reward-backbone loader.
+    reward = load_pretrained_reward_backbone(str(result.clip_dir), head_hidden_dim=8)
+    assert reward.image_size == 32
+    assert reward(images, prompts=["a red circle", "a blue square"])["layout"].shape == (2,)
+    assert manifest["metrics"]["clip_steps"] == 30
+    assert 0.0 <= manifest["metrics"]["clip_eval_retrieval_chance"] <= 1.0
+    assert manifest["timings"]["clip_s"] > 0
 
     params = load_params(None, preset="ci")
     assert read_manifest(result.train_data_dir)["count"] == params.toy.num_train

@@ -507,6 +507,9 @@ def test_cli_trains_and_writes_the_model(small_set, tmp_path: Path, one_thread):
             "reward.head_hidden_dim=8",
             "--set",
             "reward.alpha_override={lighting: 0.5}",
+            # A random toy CLIP: no bootstrap for its pretrained one.
+            "--set",
+            "bootstrap.clip_steps=0",
         ],
     )
 

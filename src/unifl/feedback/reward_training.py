@@ -478,14 +478,21 @@ def train_reward_stage(
 ) -> RewardTrainingResult:
     """The `reward-train` stage: build the model `params.reward` names, train it, write `out_dir`.
 
-    The toy backbone takes the toy world's resolution; seeds come from `params.project.seed`.
+    `reward.backbone: toy` is the toy bootstrap's pretrained CLIP (trained once per
+    configuration, then cached), or a random toy CLIP at the toy world's resolution when
+    `bootstrap.clip_steps` is 0. Seeds come from `params.project.seed`.
     """
     from unifl.models.precision import resolve_device
     from unifl.models.reward import build_reward_model
 
     config = params.reward
+    backbone = config.backbone
+    if backbone == "toy" and params.bootstrap.clip_steps:
+        from unifl.toy.bootstrap import bootstrap_toy_world
+
+        backbone = str(bootstrap_toy_world(params, progress=progress).clip_dir)
     model = build_reward_model(
-        config.backbone,
+        backbone,
         image_size=params.toy.resolution,
         seed=params.project.seed,
         head_hidden_dim=config.head_hidden_dim,

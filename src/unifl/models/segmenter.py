@@ -365,7 +365,7 @@ def evaluate_segmenter(
     }
 
 
-def _learning_rate(step: int, steps: int, peak: float) -> float:
+def warmup_cosine_learning_rate(step: int, steps: int, peak: float) -> float:
     """Linear warm-up over 5% of the steps, then cosine decay to 5% of the peak."""
     warmup = max(1, steps // 20)
     if step < warmup:
@@ -419,7 +419,7 @@ def train_segmenter(
     bar = tqdm(range(steps), desc="toy segmenter", disable=not progress, leave=False)
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(step, steps, lr)
+            group["lr"] = warmup_cosine_learning_rate(step, steps, lr)
         index = torch.randint(
             images.shape[0], (min(batch_size, images.shape[0]),), generator=generator
         )

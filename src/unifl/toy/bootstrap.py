@@ -1,15 +1,17 @@
-"""Bootstrap of the toy world: data, a toy perceptual model, a toy VAE and a toy base model.
+"""Bootstrap of the toy world: data, a toy perceptual model, a toy CLIP, a toy VAE and base model.
 
 `bootstrap_toy_world(params)` builds, from nothing, what a production run
 loads from checkpoints: a latent diffusion model of the Stable Diffusion
 classes (VAE, UNet, CLIP text encoder(s), DDIM scheduler) trained on the toy
-world's images and captions, and the toy segmenter that perceptual feedback
-learning and the caption-match metric use. The output is cached by a hash of
+world's images and captions, the toy segmenter that perceptual feedback
+learning and the caption-match metric use, and the pretrained toy CLIP that
+the reward models start from (`unifl.toy.clip`). The output is cached by a hash of
 the configuration (`toy`, `bootstrap` and the seed), so `make run` and the
 tests train each configuration once.
 
 Training recipe:
 1. segmenter: pixel cross-entropy on the generated images and semantic masks;
+   CLIP: contrastive image-caption loss (`clip_steps`, after the segmenter);
 2. VAE: reconstruction MSE in [-1, 1] plus a small KL term; afterwards the
    latent scaling factor is set to 1 / std of the latents, as SD's 0.18215 was;
 3. UNet and text encoder(s): noise-prediction MSE at timesteps of the
@@ -60,7 +62,7 @@ from unifl.models.precision import adamw, apply_num_threads
 if TYPE_CHECKING:
     from unifl.feedback.trainer import ExponentialMovingAverage
 
-BOOTSTRAP_FORMAT = "unifl-toy-bootstrap/3"
+BOOTSTRAP_FORMAT = "unifl-toy-bootstrap/4"
 """Bumped whenever the toy models or their training change, so stale caches are retrained."""
 MANIFEST_NAME = "manifest.json"
 
@@ -80,6 +82,12 @@ class BootstrapResult:
     @property
     def segmenter_dir(self) -> Path:
         return self.directory / "segmenter"
+
+    @property
+    def clip_dir(self) -> Path | None:
+        """The pretrained toy CLIP (a CLIP checkpoint directory); None when `clip_steps` is 0."""
+        directory = self.directory / "clip"
+        return directory if directory.is_dir() else None
 
     @property
     def train_data_dir(self) -> Path:
@@ -471,6 +479,18 @@ def _train_and_save_segmenter(
     return {key: float(value) for key, value in metrics.items()}
 
 
+def _train_and_save_clip(
+    out_dir: Path, project: ProjectConfig, **training: Any
+) -> dict[str, float]:
+    """Pretrain the toy CLIP and save it to `out_dir`; its metrics (run in a side process)."""
+    from unifl.toy.clip import save_toy_clip, train_toy_clip
+
+    apply_num_threads(project)
+    clip, tokenizer, metrics = train_toy_clip(**training)
+    save_toy_clip(clip, tokenizer, out_dir)
+    return metrics
+
+
 MIN_SAMPLES_PER_PROCESS = 32
 """A process's smallest share of a UNet batch. The toy UNet's step is overhead-bound below
 it: on one thread a step of 16 samples took as long as one of 32 (about 0.2 s), so two
@@ -617,10 +637,24 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
             # Two progress bars at once would garble each other: the side process shows none.
             progress=progress and not parallel,
         )
-        # The segmenter is independent of the base model: on a spare core it trains
-        # in its own process while the VAE trains here.
+        clip_job = dict(
+            images=images,
+            captions=train.captions,
+            eval_images=evaluation.image_tensor(),
+            eval_captions=evaluation.captions,
+            steps=boot.clip_steps,
+            batch_size=boot.clip_batch_size,
+            learning_rate=boot.clip_learning_rate,
+            seed=seed,
+            out_dir=tmp / "clip",
+            project=params.project,
+            progress=progress and not parallel,
+        )
+        # The segmenter and the CLIP are independent of the base model: on a spare core
+        # they train one after the other in their own process while the VAE trains here.
         with _side_process(parallel) as side:
             segmenter_done = side.submit(_train_and_save_segmenter, **segmenter_job)
+            clip_done = side.submit(_train_and_save_clip, **clip_job) if boot.clip_steps else None
             model = build_toy_model(f"toy-{boot.family}", resolution=toy.resolution, seed=seed)
             clock = time.perf_counter()
             metrics.update(
@@ -638,8 +672,9 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
             metrics["vae_scaling_factor"] = calibrate_latent_scale(model.vae, images)
             timings["vae_s"] = time.perf_counter() - clock
 
-            # The segmenter must be done before the UNet's processes take the cores.
+            # The side models must be done before the UNet's processes take the cores.
             segmenter_metrics = segmenter_done.result()
+            clip_metrics = clip_done.result() if clip_done is not None else {}
 
         clock = time.perf_counter()
         training = dict(
@@ -677,6 +712,9 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
         timings["unet_s"] = time.perf_counter() - clock
         timings["segmenter_s"] = segmenter_metrics["seconds"]
         metrics.update({f"segmenter_{k}": float(v) for k, v in segmenter_metrics.items()})
+        if clip_metrics:
+            timings["clip_s"] = clip_metrics["seconds"]
+            metrics.update({f"clip_{k}": float(v) for k, v in clip_metrics.items()})
         segmenter = ToySegmenter.load(tmp / "segmenter")
 
         clock = time.perf_counter()
@@ -758,6 +796,7 @@ def summary_lines(result: BootstrapResult) -> list[str]:
         f"toy bootstrap ({'cached' if result.cached else 'trained'}): {result.directory}",
         f"  base model : {result.base_model_dir}",
         f"  segmenter  : {result.segmenter_dir}",
+        f"  reward CLIP: {result.clip_dir or 'none (bootstrap.clip_steps: 0)'}",
         f"  data       : {result.train_data_dir} ({manifest['data']['train']['count']} images), "
         f"{result.eval_data_dir} ({manifest['data']['eval']['count']} images)",
         f"  samples    : {result.directory / 'samples.png'}",
