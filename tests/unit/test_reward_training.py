@@ -547,3 +547,38 @@ def test_cli_reports_a_missing_image_without_a_traceback(small_set, tmp_path: Pa
     assert result.exit_code == 2
     assert "img/gone.png" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("clip_steps", [30, 0])
+def test_the_toy_backbone_is_the_bootstraps_pretrained_clip(
+    ci_bootstrap, small_set, tmp_path: Path, clip_steps: int
+):
+    """`reward.backbone: toy` starts from the bootstrap's CLIP; with no CLIP steps, a random one."""
+    from safetensors.torch import load_file
+
+    from unifl.config import load_params
+    from unifl.feedback.reward_training import train_reward_stage
+    from unifl.models.reward import build_toy_reward_model
+
+    root, pairs = small_set
+    write_pairs(pairs, tmp_path / "pairs.parquet")
+    overrides = [
+        f"bootstrap.cache_dir={ci_bootstrap.directory.parent}",
+        f"bootstrap.clip_steps={clip_steps}",
+        "reward.backbone_learning_rate=0",  # frozen: the saved backbone is the one it started from
+        "reward.epochs=1",
+        "reward.head_hidden_dim=8",
+    ]
+    params = load_params(None, preset="ci", overrides=overrides)
+    train_reward_stage(params, tmp_path / "pairs.parquet", root, tmp_path / "out", progress=False)
+
+    saved = load_file(next((tmp_path / "out" / "model" / "backbone").glob("*.safetensors")))
+    if clip_steps:
+        assert ci_bootstrap.clip_dir is not None
+        expected = load_file(next(ci_bootstrap.clip_dir.glob("*.safetensors")))
+    else:
+        random = build_toy_reward_model(image_size=32, seed=params.project.seed)
+        expected = {k: v.contiguous() for k, v in random.backbone.state_dict().items()}
+    assert saved.keys() == expected.keys()
+    for name, tensor in saved.items():
+        assert torch.equal(tensor, expected[name]), name
