@@ -24,34 +24,32 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 from label_agreement import oracle_agreement
 from toy_table import run_jobs, toy_arguments
 
 
-def settings(params) -> dict[str, tuple[bool, float]]:
-    """{name: (pretrained backbone, backbone learning rate)}."""
+def settings(params, clip_dir: Path) -> dict[str, tuple[str, float]]:
+    """{name: (backbone for `build_reward_model`, backbone learning rate)}; 'toy' is random."""
     rate = params.reward.backbone_learning_rate
     return {
-        "random CLIP, backbone lr 1e-3": (False, 1e-3),
-        f"random CLIP, backbone lr {rate:g}": (False, rate),
-        f"pretrained CLIP, backbone lr {rate:g}": (True, rate),
-        "pretrained CLIP, frozen": (True, 0.0),
+        "random CLIP, backbone lr 1e-3": ("toy", 1e-3),
+        f"random CLIP, backbone lr {rate:g}": ("toy", rate),
+        f"pretrained CLIP, backbone lr {rate:g}": (str(clip_dir), rate),
+        "pretrained CLIP, frozen": (str(clip_dir), 0.0),
     }
 
 
-def train_one(params, data: Path, out: Path, pretrained: bool, rate: float, seed: int) -> dict:
+def train_one(params, data: Path, out: Path, backbone: str, rate: float, seed: int) -> dict:
     """Train one reward model into `out` and measure it: {dimension: {accuracy, oracle}}."""
     from unifl.feedback.reward_training import train_reward_model
     from unifl.models.precision import apply_num_threads
     from unifl.models.reward import build_reward_model
-    from unifl.toy.bootstrap import bootstrap_toy_world
 
     apply_num_threads(params.project)
     config = params.reward.model_copy(update={"backbone_learning_rate": rate})
-    clip = bootstrap_toy_world(params, progress=False).clip_dir
-    backbone = str(clip) if pretrained else "toy"
     model = build_reward_model(
         backbone,
         image_size=params.toy.resolution,
@@ -89,9 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     from unifl.toy.bootstrap import bootstrap_toy_world
 
     params = load_params(args.params, preset=args.preset, overrides=args.overrides)
-    if bootstrap_toy_world(params).clip_dir is None:
+    started = time.perf_counter()
+    clip_dir = bootstrap_toy_world(params).clip_dir
+    if clip_dir is None:
         parser.error("bootstrap.clip_steps is 0: there is no pretrained toy CLIP to compare")
-    named = settings(params)
+    named = settings(params, clip_dir)
     jobs = [
         (params, args.data, args.out / f"setting-{number}" / f"seed-{seed}", *setting, seed)
         for number, setting in enumerate(named.values())
@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.fmean(values):.3f} ± {spread:.3f}"
 
-    lines = [f"reward backbones on {args.data}, seeds {' '.join(map(str, args.seeds))}", ""]
+    seeds = " ".join(map(str, args.seeds))
+    elapsed = time.perf_counter() - started
+    lines = [f"reward backbones on {args.data}, seeds {seeds}, {elapsed:.0f} s", ""]
     for key, title in (("accuracy", "held-out accuracy"), ("oracle", "agrees with the oracle")):
         lines.append(f"| {title} | " + " | ".join(DIMENSIONS) + " |")
         lines.append("|---" * (len(DIMENSIONS) + 1) + "|")

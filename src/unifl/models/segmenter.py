@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +37,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from unifl.io import atomic_directory, write_json
-from unifl.models.precision import adamw
+from unifl.models.minibatch import train_on_minibatches
 from unifl.toy.world import CLASS_NAMES, NUM_SEMANTIC_CLASSES
 
 SEGMENTER_FORMAT = "unifl-toy-segmenter/1"
@@ -365,15 +363,6 @@ def evaluate_segmenter(
     }
 
 
-def warmup_cosine_learning_rate(step: int, steps: int, peak: float) -> float:
-    """Linear warm-up over 5% of the steps, then cosine decay to 5% of the peak."""
-    warmup = max(1, steps // 20)
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
 def train_segmenter(
     images: torch.Tensor | np.ndarray,
     semantic_masks: torch.Tensor | np.ndarray,
@@ -412,36 +401,29 @@ def train_segmenter(
         torch.manual_seed(seed)
         model = ToySegmenter(NUM_SEMANTIC_CLASSES, width)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = adamw(model.parameters(), lr=lr, weight_decay=1e-4)
-    losses: list[float] = []
-    model.train()
-    started = time.perf_counter()
-    bar = tqdm(range(steps), desc="toy segmenter", disable=not progress, leave=False)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine_learning_rate(step, steps, lr)
-        index = torch.randint(
-            images.shape[0], (min(batch_size, images.shape[0]),), generator=generator
-        )
+
+    def loss_of(index: torch.Tensor) -> torch.Tensor:
         batch_images, batch_masks = images[index], masks[index]
         if augment:
             batch_images, batch_masks = augment_batch(batch_images, batch_masks, generator)
-        loss = model.loss(batch_images, batch_masks)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.detach().item())
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    seconds = time.perf_counter() - started
+        return model.loss(batch_images, batch_masks)
+
+    model.train()
+    metrics = train_on_minibatches(
+        model.parameters(),
+        loss_of,
+        images.shape[0],
+        steps,
+        batch_size,
+        lr,
+        weight_decay=1e-4,
+        generator=generator,
+        description="toy segmenter",
+        progress=progress,
+    )
     model.eval()
-    tail = losses[-max(1, steps // 10) :] if losses else [float("nan")]
-    metrics: dict[str, float] = {
-        "steps": float(steps),
-        "final_loss": float(np.mean(tail)),
-        "seconds": seconds,
-        "images_per_second": steps * batch_size / seconds if seconds > 0 else 0.0,
-    }
+    seconds = metrics["seconds"]
+    metrics["images_per_second"] = steps * batch_size / seconds if seconds > 0 else 0.0
     train_metrics = evaluate_segmenter(model, images[:512], masks[:512])
     metrics.update({f"train_{k}": v for k, v in train_metrics.items()})
     if eval_images is not None and eval_masks is not None:

@@ -620,6 +620,7 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
         train = generate_toy_batch(toy.num_train, toy.seed, **shape)
         evaluation = generate_toy_batch(toy.num_eval, eval_seed, **shape)
         images = train.image_tensor()
+        eval_images = evaluation.image_tensor()
         timings["data_s"] = time.perf_counter() - clock
 
         processes = training_processes(params)
@@ -627,7 +628,7 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
         segmenter_job = dict(
             images=images,
             semantic_masks=train.semantic_tensor(),
-            eval_images=evaluation.image_tensor(),
+            eval_images=eval_images,
             eval_masks=evaluation.semantic_tensor(),
             steps=boot.segmenter_steps,
             batch_size=boot.batch_size,
@@ -640,7 +641,7 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
         clip_job = dict(
             images=images,
             captions=train.captions,
-            eval_images=evaluation.image_tensor(),
+            eval_images=eval_images,
             eval_captions=evaluation.captions,
             steps=boot.clip_steps,
             batch_size=boot.clip_batch_size,
@@ -738,7 +739,7 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
                     parameter.copy_(averages[name])
         if processes == 1 or averages is not None:  # else the training process saved it
             save_base_model(model, tmp / "base")
-        real = caption_match(segmenter, evaluation.image_tensor(), evaluation.captions)
+        real = caption_match(segmenter, eval_images, evaluation.captions)
         samples = sample_eval_captions()
         generated = caption_match(segmenter, samples, evaluation.captions)
         metrics["caption_match_real"] = float(real.rate)

@@ -18,17 +18,14 @@ shared equally among them (`contrastive_loss`).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from unifl.models.precision import adamw
-from unifl.models.segmenter import warmup_cosine_learning_rate
+from unifl.models.minibatch import train_on_minibatches
 
 MAX_LOGIT_SCALE = 100.0
 """CLIP clamps its learned temperature so that logits stay at most 100 times the cosine."""
@@ -124,43 +121,36 @@ def train_toy_clip(
         )
 
     def evaluate() -> tuple[float, float]:
+        clip.eval()
         with torch.no_grad():
-            clip.eval()
-            scores = retrieval_accuracy(*embed(eval_images, eval_captions), eval_captions)
-            clip.train()
-            return scores
+            return retrieval_accuracy(*embed(eval_images, eval_captions), eval_captions)
 
     metrics: dict[str, float] = {}
     evaluating = eval_images is not None and eval_captions is not None
     if evaluating:
         eval_captions = list(eval_captions)
         metrics["eval_retrieval_init"] = evaluate()[0]
-    optimizer = adamw(clip.parameters(), lr=learning_rate, weight_decay=0.01)
-    generator = torch.Generator().manual_seed(seed)
-    losses: list[float] = []
-    clip.train()
-    started = time.perf_counter()
-    bar = tqdm(range(steps), desc="toy CLIP", disable=not progress, leave=False)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = warmup_cosine_learning_rate(step, steps, learning_rate)
-        index = torch.randint(
-            images.shape[0], (min(batch_size, images.shape[0]),), generator=generator
-        )
+
+    def loss_of(index: torch.Tensor) -> torch.Tensor:
         batch_captions = [captions[i] for i in index.tolist()]
-        loss = contrastive_loss(
-            *embed(images[index], batch_captions), batch_captions, clip.logit_scale.exp()
+        image_embeds, text_embeds = embed(images[index], batch_captions)
+        return contrastive_loss(image_embeds, text_embeds, batch_captions, clip.logit_scale.exp())
+
+    clip.train()
+    metrics.update(
+        train_on_minibatches(
+            clip.parameters(),
+            loss_of,
+            images.shape[0],
+            steps,
+            batch_size,
+            learning_rate,
+            weight_decay=0.01,
+            generator=torch.Generator().manual_seed(seed),
+            description="toy CLIP",
+            progress=progress,
         )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.detach().item())
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    metrics["seconds"] = time.perf_counter() - started
-    metrics["steps"] = float(steps)
-    tail = losses[-max(1, steps // 10) :]
-    metrics["final_loss"] = sum(tail) / len(tail)
+    )
     if evaluating:
         metrics["eval_retrieval"], metrics["eval_retrieval_chance"] = evaluate()
     clip.eval()
