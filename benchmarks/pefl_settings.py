@@ -1,0 +1,155 @@
+"""PeFL from the base model at the params.yaml defaults and at other settings, over seeds.
+
+    python benchmarks/pefl_settings.py --jobs 3
+    python benchmarks/pefl_settings.py --jobs 3 \\
+        --variant pefl.aesthetic_weight=0 \\
+        --variant pefl.perceptual_weight=0.1 \\
+        --variant pefl.start_step=10,pefl.max_step=10
+
+PeFL is the toy table's first stage; the table asks it to raise the
+caption-match of 20-step samples. This trains the stage from the bootstrapped
+base model once per seed and variant (a variant: comma-separated `--set`
+overrides on top of `--set`; the defaults always run as the first) on the toy
+table's reward model (for `L_aes`), evaluates each result on the held-out toy
+captions as the table does, and prints per variant: caption-match at 20 and
+4 steps, the oracle dimensions and the Fréchet distance at 20 steps (mean ±
+std over seeds), the caption-match change over the base model paired by seed
+(each seed's too), and the PeFL loss over the first and last 50 steps of
+training. Outputs go to `--out` (default runs/pefl_settings); a variant already trained and evaluated there is
+read back, not trained again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from toy_table import build_data, evaluate, mean_std, run_jobs, toy_arguments, with_seed
+from unifl.config import DIMENSIONS
+
+DEFAULTS = "defaults"
+LOSS_WINDOW = 50  # steps at each end of a run over which the PeFL loss is averaged
+
+
+def run_one(params, boot, reward: Path, out: Path, seed: int, variant: str | None) -> dict:
+    """Evaluate the base model (`variant` None) or train PeFL at one variant and evaluate it."""
+    from unifl.feedback.stages import run_pefl
+    from unifl.models.precision import apply_num_threads
+
+    apply_num_threads(params.project)  # also in a worker process of --jobs
+    seeded = with_seed(params, seed)
+    run_dir = out / f"seed-{seed}"
+    if variant is None:
+        return evaluate(seeded, boot, reward, boot.base_model_dir, run_dir / "eval-base")
+    name = variant_dir(variant)
+    finished = run_dir / f"eval-{name}" / "metrics.json"
+    if finished.is_file():  # a variant that an earlier run of this command trained and evaluated
+        summary = json.loads(finished.read_text())
+        return summary | loss_trend(run_dir / name / "history.csv")
+    result = run_pefl(
+        seeded,
+        boot.base_model_dir,
+        boot.train_data_dir,
+        run_dir / name,
+        reward=reward,
+        segmenter=boot.segmenter_dir,
+        progress=False,
+    )
+    summary = evaluate(seeded, boot, reward, result.model_dir, run_dir / f"eval-{name}")
+    return summary | loss_trend(run_dir / name / "history.csv")
+
+
+def variant_dir(variant: str) -> str:
+    return variant.replace("=", "-").replace(",", "_")
+
+
+def loss_trend(history: Path) -> dict[str, float]:
+    """The PeFL loss averaged over the first and the last LOSS_WINDOW steps of a run."""
+    import pandas as pd
+
+    rows = pd.read_csv(history).sort_values("step")
+    return {
+        "pefl_first": float(rows.head(LOSS_WINDOW)["pefl"].mean()),
+        "pefl_last": float(rows.tail(LOSS_WINDOW)["pefl"].mean()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    toy_arguments(parser, seeds=[0, 1, 2])
+    parser.add_argument(
+        "--variant",
+        dest="variants",
+        action="append",
+        default=[],
+        help="comma-separated stage.key=value overrides trained beside the defaults",
+    )
+    parser.add_argument("--out", type=Path, default=Path("runs/pefl_settings"))
+    parser.add_argument("--data", type=Path, default=Path("runs/toy_table"))
+    parser.add_argument("--jobs", type=int, default=1, help="runs side by side, one process each")
+    args = parser.parse_args(argv)
+
+    from unifl.config import load_params
+    from unifl.models.precision import apply_num_threads
+    from unifl.toy.bootstrap import bootstrap_toy_world
+
+    params = load_params(args.params, preset=args.preset, overrides=args.overrides)
+    # Each variant's configuration, loaded before any training so that a bad override fails
+    # first; every variant shares the defaults' bootstrap and data.
+    configs = {None: params, DEFAULTS: params} | {
+        v: load_params(args.params, preset=args.preset, overrides=args.overrides + v.split(","))
+        for v in args.variants
+    }
+    apply_num_threads(params.project)
+    boot = bootstrap_toy_world(params)
+    reward = build_data(params, boot, args.data)["reward"]
+    variants: list[str | None] = [None, DEFAULTS, *args.variants]
+    # The base model's evaluation depends on no seed: the first seed's run serves all.
+    jobs = [
+        (configs[v], boot, reward, args.out, s, v)
+        for s in args.seeds
+        for v in variants
+        if v is not None or s == args.seeds[0]
+    ]
+    summaries = run_jobs(run_one, jobs, args.jobs)
+    results: dict[str | None, list[dict]] = {v: [] for v in variants}
+    for job, summary in zip(jobs, summaries, strict=True):
+        results[job[-1]].append(summary)
+    results[None] *= len(args.seeds)
+
+    def cell(variant: str | None, key: str, digits: int = 3) -> str:
+        mean, std = mean_std([run[key] for run in results[variant]])
+        return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+    print(
+        f"PeFL from the base model: {len(args.seeds)} seeds ({' '.join(map(str, args.seeds))}), "
+        f"{params.pefl.steps} steps; variants on top of the defaults"
+    )
+    columns = ["caption_match_20steps", "caption_match_4steps"]
+    columns += [f"oracle_{d}_20steps" for d in DIMENSIONS] + ["frechet_20steps"]
+    print(
+        "| model | "
+        + " | ".join(c.replace("_20steps", "").replace("_4", " 4") for c in columns)
+        + " | caption-match change (20 steps), per seed | PeFL loss first / last 50 steps |"
+    )
+    print("|" + "---|" * (len(columns) + 3))
+    for variant in variants:
+        name = "base" if variant is None else f"+PeFL, {variant}"
+        cells = [cell(variant, c, 4 if c.startswith("oracle") else 3) for c in columns]
+        change, trend = "", ""
+        if variant is not None:
+            diffs = [
+                run["caption_match_20steps"] - base["caption_match_20steps"]
+                for base, run in zip(results[None], results[variant], strict=True)
+            ]
+            mean, std = mean_std(diffs)
+            change = f"{mean:+.3f} ± {std:.3f} ({' / '.join(f'{d:+.3f}' for d in diffs)})"
+            trend = f"{cell(variant, 'pefl_first')} / {cell(variant, 'pefl_last')}"
+        print(f"| {name} | " + " | ".join(cells) + f" | {change} | {trend} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
