@@ -4,7 +4,8 @@ Runs the same library functions as the pipeline, on the bootstrapped toy
 world, once for the data (curated prompts, pairs, simulated labels, reward
 model) and once per seed for the three UniFL stages, then evaluates every
 model at 20 and at 4 steps on the held-out toy captions and prints mean ± std
-over seeds of: caption-match, each oracle dimension, held-out reward per
+over seeds of: caption-match, extra objects (object regions beyond the
+caption's, which caption-match does not count against an image), each oracle dimension, held-out reward per
 dimension, Fréchet distance to real toy images (toy segmenter features) and
 images per second. Below the table it checks the directions the paper
 claims, against the spread over seeds, and says for each whether it holds.
@@ -34,7 +35,7 @@ STEP_COUNTS = (20, 4)
 
 
 def metric_columns() -> list[str]:
-    names = ["caption_match", *(f"oracle_{d}" for d in DIMENSIONS)]
+    names = ["caption_match", "extra_objects", *(f"oracle_{d}" for d in DIMENSIONS)]
     names += [f"reward_{d}" for d in DIMENSIONS]
     return [*names, "frechet", "images_per_second"]
 

@@ -357,6 +357,10 @@ def test_evaluate_model_end_to_end_on_a_random_toy_model(toy_world, tmp_path) ->
         rewards = toy_world["reward"](images, PROMPTS)
     row = result.per_sample[result.per_sample["steps"] == 2]
     assert np.allclose(row["caption_match"], expected_match.numpy())
+    assert np.allclose(row["extra_objects"], match.extra_objects.numpy())
+    assert result.summary["extra_objects_2steps"] == pytest.approx(
+        float(match.extra_objects.double().mean())
+    )
     assert np.allclose(row["oracle_color"], oracle["color"].numpy(), atol=1e-6)
     assert np.allclose(row["reward_lighting"], rewards["lighting"].numpy(), atol=1e-5)
     assert result.summary["caption_match_2steps"] == pytest.approx(match.rate)

@@ -224,6 +224,25 @@ def test_caption_match_counts_one_class_per_region_and_ignores_specks() -> None:
         match_masks(mask, [caption, caption])
 
 
+def test_extra_objects_count_regions_beyond_the_caption() -> None:
+    truth_batch = generate_toy_batch(96, seed=32)
+    truth = match_masks(truth_batch.semantic_tensor(), truth_batch.captions)
+    assert torch.equal(truth.extra_objects, torch.zeros(96))  # one region per object
+
+    caption = "a red circle left of a blue square on a dark background"
+    red_circle, blue_square = semantic_class("circle", "red"), semantic_class("square", "blue")
+    mask = torch.zeros(3, 32, 32, dtype=torch.long)
+    mask[:, 10:16, 2:8] = red_circle
+    mask[:, 10:16, 20:26] = blue_square
+    mask[1, 25:30, 10:15] = red_circle  # a second red fragment: one region too many
+    mask[1, 2:6, 12:16] = blue_square  # and a third object region
+    mask[2, 1:3, 1:3] = red_circle  # a speck of 4 pixels < 0.006 * 1024: not counted
+    result = match_masks(mask, [caption] * 3)
+    assert result.per_image.tolist() == [1.0, 1.0, 1.0]  # caption-match cannot tell them apart
+    assert result.extra_objects.tolist() == [0.0, 2.0, 0.0]
+    assert match_masks(torch.zeros_like(mask), [caption] * 3).extra_objects.tolist() == [0.0] * 3
+
+
 def test_predicted_masks_do_not_depend_on_the_batch_size(trained) -> None:
     model, _, held_out = trained
     images = held_out.image_tensor()[:20]

@@ -4,9 +4,10 @@ For every step count of `evaluate.steps` (default 20 and 4) and every seed of
 `evaluate.seeds`, the model generates one image per prompt; then:
 
 * per image (and so per prompt): `caption_match` (the image's share of the
-  caption's objects that the toy segmenter finds) and `oracle_<dim>` (toy
-  world, when a segmenter is given; the layout oracle reads the segmenter's
-  predicted masks), `reward_<dim>` (when a `DecoupledRewardModel` is given),
+  caption's objects that the toy segmenter finds), `extra_objects` (object
+  regions beyond the caption's objects, which caption-match does not count
+  against an image) and `oracle_<dim>` (toy world, when a segmenter is given;
+  the layout oracle reads the segmenter's predicted masks), `reward_<dim>` (when a `DecoupledRewardModel` is given),
   `clip_score` (when a CLIP scorer is given);
 * per step count: the means of those (`caption_match`: the pooled rate,
   matched over named objects of all images), `reward_<dim>_std`, `frechet`
@@ -255,6 +256,7 @@ def image_metrics(
                     f"toy metrics need toy captions as prompts (a segmenter was given): {exc}"
                 ) from exc
             metrics["caption_match"] = torch.as_tensor(match.per_image).float().cpu()
+            metrics["extra_objects"] = match.extra_objects.float().cpu()
             metrics[CAPTION_OBJECTS] = torch.tensor(objects, dtype=torch.float32)
             for dimension, values in oracle.items():
                 metrics[f"oracle_{dimension}"] = values.float().cpu()

@@ -10,6 +10,13 @@ between shapes from matching two objects with one region. For generated images t
 the toy segmenter's prediction. The rate is matched objects over all caption
 objects, pooled over the images; `per_image` is each image's own share.
 
+Extra objects: caption-match counts an object as found when any region of its
+class is large enough, so an image that scatters fragments of its objects
+about scores no worse than a clean one. `extra_objects` is, per image, the
+number of object regions (at least ``min_area_fraction * H * W`` pixels, after
+the majority vote) beyond the number of objects the caption names, or 0:
+ground-truth toy images score 0.
+
 Chance level: an image that shows other objects than its caption's (or no
 objects) matches only through segmentation errors; with captions shuffled
 across ground-truth toy images a perfect segmenter matches about 1 object in 6
@@ -24,18 +31,25 @@ from dataclasses import dataclass
 import torch
 
 from unifl.models.segmenter import ToySegmenter, as_image_tensor
-from unifl.toy.oracle import MIN_OBJECT_AREA_FRACTION, clean_semantic_masks, mask_statistics
+from unifl.toy.oracle import (
+    MIN_OBJECT_AREA_FRACTION,
+    clean_semantic_masks,
+    mask_statistics,
+    object_region_counts,
+)
 from unifl.toy.world import CaptionError, parse_caption, semantic_class
 
 
 @dataclass
 class CaptionMatch:
-    """rate: matched / all caption objects; per_image: float [N]; matched, total: counts."""
+    """rate: matched / all caption objects; per_image: float [N]; matched, total: counts;
+    extra_objects: float [N], object regions beyond the caption's objects."""
 
     rate: float
     per_image: torch.Tensor
     matched: int
     total: int
+    extra_objects: torch.Tensor
 
 
 @torch.no_grad()
@@ -74,10 +88,12 @@ def match_masks(
             f"need one caption per mask: {semantic_masks.shape[0]} masks, "
             f"{1 if isinstance(captions, str) else len(captions)} captions"
         )
-    stats = mask_statistics(clean_semantic_masks(semantic_masks) if clean else semantic_masks)
+    masks = clean_semantic_masks(semantic_masks) if clean else semantic_masks
+    stats = mask_statistics(masks)
     min_pixels = min_area_fraction * stats.height * stats.width
     counts = stats.counts.tolist()
     per_image = torch.zeros(len(captions))
+    named = torch.zeros(len(captions))
     matched = total = 0
     for index, caption in enumerate(captions):
         try:
@@ -89,9 +105,11 @@ def match_masks(
             for _, color, shape in parsed.objects
         )
         per_image[index] = hits / len(parsed.objects)
+        named[index] = len(parsed.objects)
         matched += hits
         total += len(parsed.objects)
-    return CaptionMatch(matched / total if total else 0.0, per_image, matched, total)
+    extra = (object_region_counts(masks, min_pixels) - named).clamp_min(0.0)
+    return CaptionMatch(matched / total if total else 0.0, per_image, matched, total, extra)
 
 
 def caption_match(

@@ -153,6 +153,26 @@ def clean_semantic_masks(semantic_masks: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(cleaned).to(semantic_masks.device)
 
 
+def object_region_counts(semantic_masks: torch.Tensor, min_pixels: float) -> torch.Tensor:
+    """Per image, the connected regions of object pixels with at least `min_pixels` pixels.
+
+    Regions as in `clean_semantic_masks` (8-connected non-background pixels);
+    smaller specks are not counted. Returns float [N].
+    """
+    if semantic_masks.ndim != 3:
+        raise ValueError(
+            f"expected semantic masks [N, H, W], got shape {tuple(semantic_masks.shape)}"
+        )
+    masks = semantic_masks.detach().cpu().numpy() > 0
+    counts = torch.zeros(masks.shape[0])
+    for index, mask in enumerate(masks):
+        regions, count = ndimage.label(mask, structure=_EIGHT_NEIGHBOURS)
+        if count:
+            sizes = np.bincount(regions.ravel(), minlength=count + 1)[1:]
+            counts[index] = float((sizes >= min_pixels).sum())
+    return counts
+
+
 @dataclass
 class MaskStatistics:
     """Per image and class: pixel count, centroid and bounding box, in normalised units.
