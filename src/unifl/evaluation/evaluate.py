@@ -7,8 +7,9 @@ For every step count of `evaluate.steps` (default 20 and 4) and every seed of
   caption's objects that the toy segmenter finds), `extra_objects` (object
   regions beyond the caption's objects, which caption-match does not count
   against an image) and `oracle_<dim>` (toy world, when a segmenter is given;
-  the layout oracle reads the segmenter's predicted masks), `reward_<dim>` (when a `DecoupledRewardModel` is given),
-  `clip_score` (when a CLIP scorer is given);
+  the layout oracle reads the segmenter's predicted masks), `reward_<dim>`
+  (when a `DecoupledRewardModel` is given), `clip_score` (when a CLIP scorer
+  is given);
 * per step count: the means of those (`caption_match`: the pooled rate,
   matched over named objects of all images), `reward_<dim>_std`, `frechet`
   (Fréchet distance to real-image features, when given), `images_per_second`
