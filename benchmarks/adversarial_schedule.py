@@ -14,9 +14,10 @@ the discriminator see the states that 4-step sampling passes through.
 For each seed this trains the adversarial stage from the bootstrapped base
 model once per schedule (everything else from params.yaml, on the toy
 table's reward model) and evaluates the base model and each result on the
-held-out toy captions. It prints, at 4 and at 20 steps, caption-match and
-Fréchet distance (mean ± std over seeds), and the share of the base model's
-4-vs-20-step gap that each schedule closes (the toy table's criterion).
+held-out toy captions. It prints, at 4 and at 20 steps, caption-match,
+Fréchet distance and extra objects (mean ± std over seeds), and the share of
+the base model's 4-vs-20-step gap that each schedule closes (the toy table's
+criterion).
 With `--start` the stage starts from the decoupled model of a finished toy
 table's run of the same seed, as the table's adversarial stage does, so a
 setting can be tried on the table's own starting point without training
@@ -40,7 +41,7 @@ from toy_table import (
     with_seed,
 )
 
-METRICS = ("caption_match", "frechet")
+METRICS = ("caption_match", "frechet", "extra_objects")
 TREND_WINDOW = 100  # steps at each end of a run over which the discriminator's logit is averaged
 
 
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         f"from {'the base model' if args.start is None else f'the decoupled models of {args.start}'}"
     )
     header = "".join(f"{f'{m} {n}':>20}" for m in METRICS for n in (4, 20))
-    print(f"{'model':<30}{header}{'gap closed (4 steps)':>34}")
+    print(f"{'model':<30}{header}{'gap closed (4 steps)':>52}")
     for variant in variants:
         name = "base" if variant is None else f"+adversarial, {variant}-step schedule"
         cells = "".join(f"{cell(variant, f'{m}_{n}steps'):>20}" for m in METRICS for n in (4, 20))
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                 for metric in METRICS
             )
             closed = "  " + ", ".join(shares)
-        print(f"{name:<30}{cells}{closed:>34}")
+        print(f"{name:<30}{cells}{closed:>52}")
     for variant in args.schedules:
         first, last, accuracy = (
             cell(variant, key) for key in ("d_fake_first", "d_fake_last", "d_accuracy_last")

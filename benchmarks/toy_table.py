@@ -32,6 +32,7 @@ from unifl.config import DIMENSIONS, Params, load_params
 
 MODELS = ("base", "+PeFL", "+decoupled", "+adversarial")
 STEP_COUNTS = (20, 4)
+LOWER_IS_BETTER = ("frechet", "extra_objects")
 
 
 def metric_columns() -> list[str]:
@@ -185,8 +186,8 @@ def gap_closed(
 ) -> tuple[float, float, float, float]:
     """(base 4 steps, base 20 steps, tuned 4 steps, share of the base model's 4-vs-20-step gap
     that the tuned model's 4 steps close), means over seeds; the share is NaN without a gap.
-    Fréchet distance is better lower, every other metric higher."""
-    better = -1.0 if metric == "frechet" else 1.0
+    The metrics of LOWER_IS_BETTER are better lower, every other metric higher."""
+    better = -1.0 if metric in LOWER_IS_BETTER else 1.0
     base_4 = statistics.fmean(r[f"{metric}_4steps"] for r in base)
     base_20 = statistics.fmean(r[f"{metric}_20steps"] for r in base)
     tuned_4 = statistics.fmean(r[f"{metric}_4steps"] for r in tuned)
