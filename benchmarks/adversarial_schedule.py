@@ -35,8 +35,8 @@ from toy_table import (
     build_data,
     evaluate,
     gap_closed,
-    mean_std,
-    run_jobs,
+    mean_std_text,
+    run_variants,
     toy_arguments,
     with_seed,
 )
@@ -115,22 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     boot = bootstrap_toy_world(params)
     reward = build_data(params, boot, args.data)["reward"]
     variants: list[int | None] = [None, *args.schedules]
-    # The base model's evaluation depends on no seed: the first seed's run serves all.
-    jobs = [
-        (params, boot, reward, args.out, args.start, s, v)
-        for s in args.seeds
-        for v in variants
-        if v is not None or s == args.seeds[0]
-    ]
-    summaries = run_jobs(run_one, jobs, args.jobs)
-    results: dict[int | None, list[dict]] = {v: [] for v in variants}
-    for job, summary in zip(jobs, summaries, strict=True):
-        results[job[-1]].append(summary)
-    results[None] *= len(args.seeds)
+    common = (params, boot, reward, args.out, args.start)
+    results = run_variants(run_one, common, args.seeds, variants, args.jobs, base_once=True)
 
     def cell(variant: int | None, key: str) -> str:
-        mean, std = mean_std([run[key] for run in results[variant]])
-        return f"{mean:.3f} ± {std:.3f}"
+        return mean_std_text([run[key] for run in results[variant]])
 
     print(
         f"adversarial FL by training schedule: {len(args.seeds)} seeds "

@@ -25,7 +25,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from toy_table import evaluate, mean_std, run_jobs, toy_arguments, with_seed
+from toy_table import (
+    evaluate,
+    mean_std,
+    mean_std_text,
+    run_variants,
+    toy_arguments,
+    with_seed,
+)
 from unifl.config import DIMENSIONS
 
 HINGE_WINDOW = 100  # first steps of the table's decoupled runs whose rewards are set against alpha
@@ -152,11 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     apply_num_threads(params.project)
     boot = bootstrap_toy_world(params)
     variants: list[str | None] = [None, *args.groups]
-    jobs = [(params, boot, args.start, args.out, s, v) for s in args.seeds for v in variants]
-    summaries = run_jobs(run_one, jobs, args.jobs)
-    results: dict[str | None, list[dict]] = {v: [] for v in variants}
-    for job, summary in zip(jobs, summaries, strict=True):
-        results[job[-1]].append(summary)
+    common = (params, boot, args.start, args.out)
+    results = run_variants(run_one, common, args.seeds, variants, args.jobs, base_once=False)
     real = real_metrics(boot)
     from unifl.data.prompts import read_prompts
 
@@ -173,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'real held-out images':<40}" + "".join(f"{real[k]:>18.4f}" for k in oracle_keys))
 
     def cell(variant: str | None, key: str) -> str:
-        mean, std = mean_std([run[key] for run in results[variant]])
-        return f"{mean:.4f} ± {std:.4f}"
+        return mean_std_text([run[key] for run in results[variant]], digits=4)
 
     for variant in variants:
         name = "PeFL model" if variant is None else f"+decoupled {variant}"

@@ -10,9 +10,10 @@ steps of 250 timesteps, so the scale changes 4-step samples far more than
 20-step ones. This evaluates the bootstrapped base model at 4 and 20 steps,
 and each tuned model (default: `runs/toy_table/seed-*/adversarial/model`) at
 4 steps, at every scale on the held-out toy captions. It prints caption-match,
-Fréchet distance and extra objects per scale, and the share of the base model's 4-vs-20-step
-gap at that scale that the tuned models' 4 steps close (the toy table's
-criterion, which the table applies at `evaluate.guidance_scale` only).
+Fréchet distance and extra objects per scale, and the share of the base
+model's 4-vs-20-step gap at that scale that the tuned models' 4 steps close
+(the toy table's criterion, which the table applies at
+`evaluate.guidance_scale` only).
 Outputs go to `--out` (default runs/few_step_guidance).
 """
 

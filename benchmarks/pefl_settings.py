@@ -15,9 +15,10 @@ captions as the table does, and prints per variant: caption-match at 20 and
 4 steps, extra objects (regions beyond the caption's objects), the oracle
 dimensions and the Fréchet distance at 20 steps (mean ± std over seeds), the
 caption-match change over the base model paired by seed (each seed's too),
-and the PeFL loss over the first and last 50 steps of training. Outputs go to
-`--out` (default runs/pefl_settings); a model already trained there is not
-trained again, nor an evaluation repeated.
+the PeFL loss over the first and last 50 steps of training, and over the
+whole run the weighted perceptual term against the rest of the loss (`L_aes`
+and any regulariser). Outputs go to `--out` (default runs/pefl_settings); a
+model already trained there is not trained again, nor an evaluation repeated.
 """
 
 from __future__ import annotations
@@ -27,18 +28,28 @@ import json
 import sys
 from pathlib import Path
 
-from toy_table import build_data, evaluate, mean_std, run_jobs, toy_arguments, with_seed
+from toy_table import (
+    build_data,
+    evaluate,
+    mean_std,
+    mean_std_text,
+    run_variants,
+    toy_arguments,
+    with_seed,
+)
 from unifl.config import DIMENSIONS
 
 DEFAULTS = "defaults"
 LOSS_WINDOW = 50  # steps at each end of a run over which the PeFL loss is averaged
 
 
-def run_one(params, boot, reward: Path, out: Path, seed: int, variant: str | None) -> dict:
-    """Evaluate the base model (`variant` None) or train PeFL at one variant and evaluate it."""
+def run_one(configs, boot, reward: Path, out: Path, seed: int, variant: str | None) -> dict:
+    """Evaluate the base model (`variant` None) or train PeFL at one variant and evaluate it;
+    `configs` maps each variant to its configuration."""
     from unifl.feedback.stages import run_pefl
     from unifl.models.precision import apply_num_threads
 
+    params = configs[variant]
     apply_num_threads(params.project)  # also in a worker process of --jobs
     seeded = with_seed(params, seed)
     run_dir = out / f"seed-{seed}"
@@ -57,24 +68,30 @@ def run_one(params, boot, reward: Path, out: Path, seed: int, variant: str | Non
             progress=False,
         )
     finished = run_dir / f"eval-{name}" / "metrics.json"
-    summary = json.loads(finished.read_text()) if finished.is_file() else {}
-    if "extra_objects_20steps" not in summary:  # not evaluated yet, or before that metric
+    if finished.is_file():
+        summary = json.loads(finished.read_text())
+    else:
         summary = evaluate(seeded, boot, reward, model_dir, run_dir / f"eval-{name}")
-    return summary | loss_trend(run_dir / name / "history.csv")
+    return summary | loss_terms(run_dir / name / "history.csv", seeded.pefl.perceptual_weight)
 
 
 def variant_dir(variant: str) -> str:
     return variant.replace("=", "-").replace(",", "_")
 
 
-def loss_trend(history: Path) -> dict[str, float]:
-    """The PeFL loss averaged over the first and the last LOSS_WINDOW steps of a run."""
+def loss_terms(history: Path, perceptual_weight: float) -> dict[str, float]:
+    """From a run's history: the PeFL loss averaged over its first and last LOSS_WINDOW steps,
+    and over the whole run the weighted perceptual term and the rest of the training loss
+    (`L_aes` and any regulariser)."""
     import pandas as pd
 
     rows = pd.read_csv(history).sort_values("step")
+    perceptual = perceptual_weight * float(rows["pefl"].mean())
     return {
         "pefl_first": float(rows.head(LOSS_WINDOW)["pefl"].mean()),
         "pefl_last": float(rows.tail(LOSS_WINDOW)["pefl"].mean()),
+        "perceptual_term": perceptual,
+        "other_terms": float(rows["loss"].mean()) - perceptual,
     }
 
 
@@ -108,22 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     boot = bootstrap_toy_world(params)
     reward = build_data(params, boot, args.data)["reward"]
     variants: list[str | None] = [None, DEFAULTS, *args.variants]
-    # The base model's evaluation depends on no seed: the first seed's run serves all.
-    jobs = [
-        (configs[v], boot, reward, args.out, s, v)
-        for s in args.seeds
-        for v in variants
-        if v is not None or s == args.seeds[0]
-    ]
-    summaries = run_jobs(run_one, jobs, args.jobs)
-    results: dict[str | None, list[dict]] = {v: [] for v in variants}
-    for job, summary in zip(jobs, summaries, strict=True):
-        results[job[-1]].append(summary)
-    results[None] *= len(args.seeds)
+    common = (configs, boot, reward, args.out)
+    results = run_variants(run_one, common, args.seeds, variants, args.jobs, base_once=True)
 
     def cell(variant: str | None, key: str, digits: int = 3) -> str:
-        mean, std = mean_std([run[key] for run in results[variant]])
-        return f"{mean:.{digits}f} ± {std:.{digits}f}"
+        return mean_std_text([run[key] for run in results[variant]], digits)
 
     print(
         f"PeFL from the base model: {len(args.seeds)} seeds ({' '.join(map(str, args.seeds))}), "
@@ -134,13 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     print(
         "| model | "
         + " | ".join(c.replace("_20steps", "").replace("_4", " 4") for c in columns)
-        + " | caption-match change (20 steps), per seed | PeFL loss first / last 50 steps |"
+        + " | caption-match change (20 steps), per seed | PeFL loss first / last 50 steps"
+        + " | weighted PeFL term / other loss terms, mean over training |"
     )
-    print("|" + "---|" * (len(columns) + 3))
+    print("|" + "---|" * (len(columns) + 4))
     for variant in variants:
         name = "base" if variant is None else f"+PeFL, {variant}"
         cells = [cell(variant, c, 4 if c.startswith("oracle") else 3) for c in columns]
-        change, trend = "", ""
+        change = trend = terms = ""
         if variant is not None:
             diffs = [
                 run["caption_match_20steps"] - base["caption_match_20steps"]
@@ -149,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             mean, std = mean_std(diffs)
             change = f"{mean:+.3f} ± {std:.3f} ({' / '.join(f'{d:+.3f}' for d in diffs)})"
             trend = f"{cell(variant, 'pefl_first')} / {cell(variant, 'pefl_last')}"
-        print(f"| {name} | " + " | ".join(cells) + f" | {change} | {trend} |")
+            terms = f"{cell(variant, 'perceptual_term')} / {cell(variant, 'other_terms')}"
+        print(f"| {name} | " + " | ".join(cells) + f" | {change} | {trend} | {terms} |")
     return 0
 
 

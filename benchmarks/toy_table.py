@@ -5,9 +5,9 @@ world, once for the data (curated prompts, pairs, simulated labels, reward
 model) and once per seed for the three UniFL stages, then evaluates every
 model at 20 and at 4 steps on the held-out toy captions and prints mean ± std
 over seeds of: caption-match, extra objects (object regions beyond the
-caption's, which caption-match does not count against an image), each oracle dimension, held-out reward per
-dimension, Fréchet distance to real toy images (toy segmenter features) and
-images per second. Below the table it checks the directions the paper
+caption's, which caption-match does not count against an image), each oracle
+dimension, held-out reward per dimension, Fréchet distance to real toy images
+(toy segmenter features) and images per second. Below the table it checks the directions the paper
 claims, against the spread over seeds, and says for each whether it holds.
 
     python benchmarks/toy_table.py                      # params.yaml, seeds 0 1 2
@@ -154,10 +154,36 @@ def run_jobs(function, jobs: list[tuple], workers: int) -> list:
         return list(pool.map(function, *zip(*jobs, strict=True)))
 
 
+def run_variants(
+    function, common: tuple, seeds: list[int], variants: list, workers: int, *, base_once: bool
+) -> dict:
+    """`function(*common, seed, variant)` for every seed and variant: {variant: [summary per
+    seed]}. With `base_once` the variant None, the base model that depends on no seed, runs
+    for the first seed only and its summary serves every seed."""
+    jobs = [
+        (*common, seed, variant)
+        for seed in seeds
+        for variant in variants
+        if not (base_once and variant is None and seed != seeds[0])
+    ]
+    results: dict = {variant: [] for variant in variants}
+    for job, summary in zip(jobs, run_jobs(function, jobs, workers), strict=True):
+        results[job[-1]].append(summary)
+    if base_once and None in results:
+        results[None] *= len(seeds)
+    return results
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     if not values:
         return float("nan"), float("nan")
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def mean_std_text(values: list[float], digits: int = 3) -> str:
+    """'mean ± std' of `values`, each with `digits` decimals."""
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def table_markdown(results: dict[str, list[dict[str, float]]], steps: int) -> str:
@@ -169,14 +195,8 @@ def table_markdown(results: dict[str, list[dict[str, float]]], steps: int) -> st
     for model in MODELS:
         cells = []
         for column in columns:
-            mean, std = mean_std(
-                [
-                    run[f"{column}_{steps}steps"]
-                    for run in results[model]
-                    if f"{column}_{steps}steps" in run
-                ]
-            )
-            cells.append(f"{mean:.3f} ± {std:.3f}")
+            key = f"{column}_{steps}steps"
+            cells.append(mean_std_text([run[key] for run in results[model] if key in run]))
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

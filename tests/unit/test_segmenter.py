@@ -239,6 +239,7 @@ def test_extra_objects_count_regions_beyond_the_caption() -> None:
     mask[2, 1:3, 1:3] = red_circle  # a speck of 4 pixels < 0.006 * 1024: not counted
     result = match_masks(mask, [caption] * 3)
     assert result.per_image.tolist() == [1.0, 1.0, 1.0]  # caption-match cannot tell them apart
+    assert result.objects.tolist() == [2.0, 2.0, 2.0]
     assert result.extra_objects.tolist() == [0.0, 2.0, 0.0]
     assert match_masks(torch.zeros_like(mask), [caption] * 3).extra_objects.tolist() == [0.0] * 3
 

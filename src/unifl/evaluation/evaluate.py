@@ -245,10 +245,9 @@ def image_metrics(
         if segmenter is not None:
             from unifl.toy.caption_match import match_masks, predicted_masks
             from unifl.toy.oracle import oracle_scores
-            from unifl.toy.world import CaptionError, parse_caption
+            from unifl.toy.world import CaptionError
 
             try:
-                objects = [len(parse_caption(prompt).objects) for prompt in prompts]
                 masks = predicted_masks(segmenter, images).to(images.device)
                 match = match_masks(masks, list(prompts))
                 oracle = oracle_scores(images, list(prompts), masks)
@@ -258,7 +257,7 @@ def image_metrics(
                 ) from exc
             metrics["caption_match"] = torch.as_tensor(match.per_image).float().cpu()
             metrics["extra_objects"] = match.extra_objects.float().cpu()
-            metrics[CAPTION_OBJECTS] = torch.tensor(objects, dtype=torch.float32)
+            metrics[CAPTION_OBJECTS] = match.objects.float().cpu()
             for dimension, values in oracle.items():
                 metrics[f"oracle_{dimension}"] = values.float().cpu()
         if reward_model is not None:

@@ -43,12 +43,14 @@ from unifl.toy.world import CaptionError, parse_caption, semantic_class
 @dataclass
 class CaptionMatch:
     """rate: matched / all caption objects; per_image: float [N]; matched, total: counts;
-    extra_objects: float [N], object regions beyond the caption's objects."""
+    objects: float [N], the objects each caption names; extra_objects: float [N], object
+    regions beyond them."""
 
     rate: float
     per_image: torch.Tensor
     matched: int
     total: int
+    objects: torch.Tensor
     extra_objects: torch.Tensor
 
 
@@ -93,7 +95,7 @@ def match_masks(
     min_pixels = min_area_fraction * stats.height * stats.width
     counts = stats.counts.tolist()
     per_image = torch.zeros(len(captions))
-    named = torch.zeros(len(captions))
+    objects = torch.zeros(len(captions))
     matched = total = 0
     for index, caption in enumerate(captions):
         try:
@@ -105,11 +107,12 @@ def match_masks(
             for _, color, shape in parsed.objects
         )
         per_image[index] = hits / len(parsed.objects)
-        named[index] = len(parsed.objects)
+        objects[index] = len(parsed.objects)
         matched += hits
         total += len(parsed.objects)
-    extra = (object_region_counts(masks, min_pixels) - named).clamp_min(0.0)
-    return CaptionMatch(matched / total if total else 0.0, per_image, matched, total, extra)
+    extra = (object_region_counts(masks, min_pixels) - objects).clamp_min(0.0)
+    rate = matched / total if total else 0.0
+    return CaptionMatch(rate, per_image, matched, total, objects, extra)
 
 
 def caption_match(
