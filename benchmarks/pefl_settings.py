@@ -91,7 +91,9 @@ def loss_terms(history: Path, perceptual_weight: float) -> dict[str, float]:
         "pefl_first": float(rows.head(LOSS_WINDOW)["pefl"].mean()),
         "pefl_last": float(rows.tail(LOSS_WINDOW)["pefl"].mean()),
         "perceptual_term": perceptual,
-        "other_terms": float(rows["loss"].mean()) - perceptual,
+        # Rounded so that a run without other terms prints 0.000, not the float difference
+        # of two equal means (-0.000).
+        "other_terms": round(float(rows["loss"].mean()) - perceptual, 6) + 0.0,
     }
 
 
