@@ -91,9 +91,7 @@ def loss_terms(history: Path, perceptual_weight: float) -> dict[str, float]:
         "pefl_first": float(rows.head(LOSS_WINDOW)["pefl"].mean()),
         "pefl_last": float(rows.tail(LOSS_WINDOW)["pefl"].mean()),
         "perceptual_term": perceptual,
-        # Rounded so that a run without other terms prints 0.000, not the float difference
-        # of two equal means (-0.000).
-        "other_terms": round(float(rows["loss"].mean()) - perceptual, 6) + 0.0,
+        "other_terms": float(rows["loss"].mean()) - perceptual,
     }
 
 

@@ -181,8 +181,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def mean_std_text(values: list[float], digits: int = 3) -> str:
-    """'mean ± std' of `values`, each with `digits` decimals."""
-    mean, std = mean_std(values)
+    """'mean ± std' of `values`, each with `digits` decimals; a mean that rounds to zero
+    prints without a sign (a float difference of two equal means is not -0.000)."""
+    mean, std = (round(value, digits) + 0.0 for value in mean_std(values))
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
