@@ -43,7 +43,7 @@ The paper draws the steps from the 20-step schedule (`adversarial.schedule_steps
 come from 20 small steps, not 4 large ones: the model is never shown the
 blurred intermediate states that few-step inference produces.
 `benchmarks/adversarial_schedule.py` trains both from the toy base model and
-prints their 4-step samples' caption-match and Fréchet distance (README).
+prints their 4-step samples' caption-match and Fréchet distance (docs/toy-world-results.md).
 
 At the end, the exported model samples `eval_prompts` captions at
 `inference_steps` (trailing) and at `trainer.num_inference_steps`, and the
