@@ -82,7 +82,7 @@ def toy_bootstrap(
     preset: PresetOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Train the toy VAE, base model and segmenter (cached by config hash); print metrics."""
+    """Train the toy VAE, base model, segmenter and CLIP (cached by config hash); print metrics."""
     from unifl.toy.bootstrap import bootstrap_toy_world, summary_lines
 
     result = bootstrap_toy_world(load(params, preset, set_), out_dir=out, force=force)
@@ -546,9 +546,10 @@ def run_pipeline(
     preset: PresetOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Run a pipeline locally with kfp.local: the toy world, simulated annotators, MLflow on
-    SQLite. Prints the evaluation, the promotion decision, the outputs and the MLflow UI
-    command."""
+    """Run a pipeline locally with kfp.local (toy world, simulated annotators, MLflow on SQLite).
+
+    Prints the evaluation, the promotion decision, the outputs and the MLflow UI command.
+    """
     from unifl.orchestration.local import LocalRunError, run_local
     from unifl.tracking.runs import TrackingError
 
