@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from unifl.config import Params, ProjectConfig
+from unifl.config import BootstrapConfig, Params, ProjectConfig
 from unifl.io import atomic_directory, write_json
 from unifl.models.precision import adamw, apply_num_threads
 
@@ -349,6 +349,20 @@ def train_denoiser(
     for module in trainable:
         module.eval().requires_grad_(False)
     return {"unet_loss": loss_ema}
+
+
+def denoiser_recipe(boot: BootstrapConfig, seed: int) -> dict[str, Any]:
+    """`train_denoiser`'s training arguments from the `bootstrap` section (its UNet recipe)."""
+    return {
+        "steps": boot.unet_steps,
+        "batch_size": boot.unet_batch_size,
+        "learning_rate": boot.unet_learning_rate,
+        "caption_dropout": boot.caption_dropout,
+        "min_snr_gamma": boot.min_snr_gamma,
+        "timestep_sampling": boot.timestep_sampling,
+        "logit_normal": (boot.logit_normal_mean, boot.logit_normal_std),
+        "seed": seed,
+    }
 
 
 def denoiser_parameters(model) -> dict[str, torch.nn.Parameter]:
@@ -678,16 +692,7 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
             clip_metrics = clip_done.result() if clip_done is not None else {}
 
         clock = time.perf_counter()
-        training = dict(
-            steps=boot.unet_steps,
-            batch_size=boot.unet_batch_size,
-            learning_rate=boot.unet_learning_rate,
-            caption_dropout=boot.caption_dropout,
-            min_snr_gamma=boot.min_snr_gamma,
-            timestep_sampling=boot.timestep_sampling,
-            logit_normal=(boot.logit_normal_mean, boot.logit_normal_std),
-            seed=seed,
-        )
+        training = denoiser_recipe(boot, seed)
         if processes == 1:
             ema = denoiser_ema(model, boot.unet_ema_decay)
             metrics.update(
