@@ -1,0 +1,182 @@
+"""The toy base model trained on the latents of VAEs trained for different step counts.
+
+    python benchmarks/bootstrap_vae.py                            # bootstrap.vae_steps 600 and 1800
+    python benchmarks/bootstrap_vae.py --vae-steps 600 1200 --seeds 0 1
+
+A VAE trained longer reconstructs the toy images better, and PeFL needs the
+perceptual model to read the decoded images; but the UNet then has other
+latents to learn in the same budget. For each `bootstrap.vae_steps` given,
+the bootstrap of that setting (trained when it is not cached) supplies its
+VAE and segmenter; at each seed a UNet and text encoder start from the toy
+preset's initialisation of that seed and train on that VAE's latents with
+the bootstrap's own recipe (`unifl.toy.bootstrap.denoiser_recipe`, on the
+bootstrap's processes). With the seed of the bootstrap's `project.seed`
+this is the bootstrap's own base model, bit for bit on one machine. Each
+base model samples the held-out captions at `sampling.steps`, and prints:
+per VAE, its reconstructions' caption-match and segmenter loss (the ceiling
+it leaves the samples); per seed, the base model's caption-match, extra
+objects and final UNet loss; and the caption-match change of every VAE over
+the first, paired by seed. One UNet seed moves caption-match by up to 0.05, so
+a single seed cannot tell two VAEs apart. Outputs go to `--out` (default
+runs/bootstrap_vae), and a base model already trained there is read back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from toy_table import mean_std_text, toy_arguments
+from unifl.config import Params, load_params
+
+
+def vae_floor(boot) -> dict[str, float]:
+    """Caption-match and segmenter loss of the bootstrap VAE's reconstructions of the held-out images."""
+    import torch
+
+    from unifl.models.base import decode_latents, encode_images, load_base_model
+    from unifl.models.segmenter import ToySegmenter
+    from unifl.toy.caption_match import caption_match
+    from unifl.toy.dataset import load_toy_arrays
+
+    model = load_base_model(boot.base_model_dir)
+    segmenter = ToySegmenter.load(boot.segmenter_dir)
+    held_out = load_toy_arrays(boot.eval_data_dir)
+    images = held_out.image_tensor()
+    with torch.no_grad():
+        reconstructions = decode_latents(model, encode_images(model, images))
+        loss = float(segmenter.loss(reconstructions, held_out.semantic_tensor().long()))
+    rate = caption_match(segmenter, reconstructions, held_out.captions).rate
+    return {"caption_match": rate, "segmenter_loss": loss}
+
+
+def train_base(params: Params, boot, seed: int, out: Path, progress: bool) -> dict[str, float]:
+    """A base model of `seed` on the bootstrap's VAE, trained and evaluated in `out`."""
+    metrics_path = out / "metrics.json"
+    if metrics_path.is_file():
+        return json.loads(metrics_path.read_text())
+    from unifl.io import atomic_directory, write_json
+    from unifl.models.base import load_base_model, save_base_model
+    from unifl.models.sampler import generate
+    from unifl.models.segmenter import ToySegmenter
+    from unifl.models.toy_presets import build_toy_model
+    from unifl.toy.bootstrap import (
+        denoiser_recipe,
+        train_denoiser,
+        train_denoiser_in_processes,
+        training_processes,
+    )
+    from unifl.toy.caption_match import caption_match
+    from unifl.toy.dataset import load_toy_arrays
+
+    training = denoiser_recipe(params.bootstrap, seed)
+    train = load_toy_arrays(boot.train_data_dir)
+    held_out = load_toy_arrays(boot.eval_data_dir)
+    started = time.perf_counter()
+    with atomic_directory(out) as tmp:
+        model = build_toy_model(
+            f"toy-{params.bootstrap.family}", resolution=params.toy.resolution, seed=seed
+        )
+        model.vae = load_base_model(boot.base_model_dir).vae
+        processes = training_processes(params)
+        if processes == 1:
+            unet = train_denoiser(
+                model, train.image_tensor(), train.captions, progress=progress, **training
+            )
+            save_base_model(model, tmp / "base")
+        else:
+            save_base_model(model, tmp / "base")
+            unet, _ = train_denoiser_in_processes(
+                tmp / "base", train.image_tensor(), train.captions, processes,
+                params.project, progress, **training,
+            )  # fmt: skip
+            model = load_base_model(tmp / "base")
+        samples = generate(
+            model,
+            held_out.captions,
+            steps=params.sampling.steps,
+            guidance_scale=params.sampling.guidance_scale,
+            seed=params.project.seed,
+            progress=progress,
+        )
+        match = caption_match(ToySegmenter.load(boot.segmenter_dir), samples, held_out.captions)
+        metrics = {
+            "caption_match": match.rate,
+            "extra_objects": float(match.extra_objects.mean()),
+            "unet_loss": unet["unet_loss"],
+            "seconds": time.perf_counter() - started,
+        }
+        write_json(tmp / "metrics.json", metrics)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    toy_arguments(parser, seeds=[0, 1, 2])
+    parser.add_argument("--vae-steps", type=int, nargs="+", default=[600, 1800])
+    parser.add_argument("--out", type=Path, default=Path("runs/bootstrap_vae"))
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    from unifl.models.precision import apply_num_threads
+    from unifl.toy.bootstrap import bootstrap_toy_world
+
+    started = time.perf_counter()
+    rows = []
+    for steps in args.vae_steps:
+        params = load_params(
+            args.params,
+            preset=args.preset,
+            overrides=[*args.overrides, f"bootstrap.vae_steps={steps}"],
+        )
+        apply_num_threads(params.project)
+        boot = bootstrap_toy_world(params, progress=not args.no_progress)
+        runs = [
+            train_base(
+                params, boot, seed, args.out / f"vae-{steps}" / f"seed-{seed}",
+                progress=not args.no_progress,
+            )
+            for seed in args.seeds
+        ]  # fmt: skip
+        rows.append((steps, boot.directory, vae_floor(boot), runs))
+
+    seeds = " ".join(map(str, args.seeds))
+    print(
+        f"base models on each VAE's latents: seeds {seeds}, {params.bootstrap.unet_steps} UNet "
+        f"steps, {params.sampling.steps}-step samples of the held-out captions, "
+        f"{time.perf_counter() - started:.0f} s"
+    )
+    print(
+        "| bootstrap.vae_steps | reconstructions: caption-match | segmenter loss | base "
+        "caption-match per seed | mean ± std | extra objects | final UNet loss |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for steps, _, floor, runs in rows:
+        rates = [run["caption_match"] for run in runs]
+        print(
+            f"| {steps} | {floor['caption_match']:.3f} | {floor['segmenter_loss']:.3f} | "
+            + " / ".join(f"{rate:.3f}" for rate in rates)
+            + f" | {mean_std_text(rates)} | "
+            + mean_std_text([run["extra_objects"] for run in runs])
+            + f" | {mean_std_text([run['unet_loss'] for run in runs], 4)} |"
+        )
+    first_steps, _, _, first = rows[0]
+    for steps, directory, _, runs in rows[1:]:
+        changes = [
+            run["caption_match"] - base["caption_match"]
+            for run, base in zip(runs, first, strict=True)
+        ]
+        print(
+            f"caption-match change, vae_steps {steps} over {first_steps}, paired by seed: "
+            f"{mean_std_text(changes)} ("
+            + " / ".join(f"{change:+.3f}" for change in changes)
+            + f"); bootstrap {directory}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
