@@ -12,7 +12,8 @@ preset's initialisation of that seed and train on that VAE's latents with
 the bootstrap's own recipe (`unifl.toy.bootstrap.denoiser_recipe`, on the
 bootstrap's processes). With the seed of the bootstrap's `project.seed`
 this is the bootstrap's own base model, bit for bit on one machine. Each
-base model samples the held-out captions at `sampling.steps`, and prints:
+base model samples the held-out captions at `sampling.steps` (the samples'
+seed is `project.seed` for every UNet seed), and prints:
 per VAE, its reconstructions' caption-match and segmenter loss (the ceiling
 it leaves the samples); per seed, the base model's caption-match, extra
 objects and final UNet loss; and the caption-match change of every VAE over
