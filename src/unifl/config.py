@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DIMENSIONS: tuple[str, ...] = ("color", "layout", "detail", "lighting")
 """The aesthetic dimensions of decoupled feedback learning, in a fixed order."""
@@ -111,6 +111,14 @@ class BootstrapConfig(Section):
         "pretrained CLIP (unifl.toy.clip). 0: no pretraining, the reward models start from a "
         "random toy CLIP.",
     )
+    text_encoder: Literal["scratch", "clip"] = Field(
+        "scratch",
+        description="Where the toy base model's text encoder(s) start before training with the "
+        "UNet: 'scratch' (random) or 'clip' (the text tower of the bootstrap's pretrained toy "
+        "CLIP, as SD's text encoder is a pretrained CLIP's; for SDXL both encoders, the second "
+        "with the CLIP's text projection). 'clip' needs clip_steps > 0 (benchmarks/"
+        "bootstrap_vae.py --variant bootstrap.text_encoder=clip compares the two).",
+    )
     clip_batch_size: int = Field(
         128, ge=2, description="Image-caption pairs per contrastive batch of the toy CLIP."
     )
@@ -152,6 +160,15 @@ class BootstrapConfig(Section):
         "dominate the gradient; none: plain MSE. Meant for 'uniform' sampling, which draws "
         "those timesteps as often as any other.",
     )
+
+    @model_validator(mode="after")
+    def _text_encoder_needs_clip(self) -> BootstrapConfig:
+        if self.text_encoder == "clip" and self.clip_steps == 0:
+            raise ValueError(
+                "bootstrap.text_encoder 'clip' starts the text encoders from the pretrained toy "
+                "CLIP, which bootstrap.clip_steps 0 does not train"
+            )
+        return self
 
 
 class ModelConfig(Section):

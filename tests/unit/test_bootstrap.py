@@ -7,7 +7,7 @@ import torch
 from typer.testing import CliRunner
 
 from unifl.cli import app
-from unifl.config import ProjectConfig, load_params
+from unifl.config import ConfigError, ProjectConfig, load_params
 from unifl.models.base import load_base_model
 from unifl.models.reward import load_pretrained_reward_backbone
 from unifl.models.segmenter import ToySegmenter
@@ -292,3 +292,77 @@ def test_training_processes_follow_cores_threads_and_batch():
     assert processes(8, **{"bootstrap.unet_batch_size": 128, "project.num_threads": "null"}) == 1
     # The VAE's and segmenter's batch does not decide how the UNet trains.
     assert processes(2, **{"bootstrap.batch_size": 128}) == 2
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_text_encoders_start_from_the_pretrained_toy_clip(ci_bootstrap, family, tmp_path):
+    """The base model's text encoders become the toy CLIP's text tower (SDXL's second one with
+    its projection), encode prompts as the CLIP does, and survive a save and reload."""
+    from transformers import CLIPModel
+
+    from unifl.models.base import encode_prompt, save_base_model
+    from unifl.models.toy_presets import build_toy_model
+    from unifl.toy.bootstrap import text_encoders_from_clip
+
+    clip = CLIPModel.from_pretrained(ci_bootstrap.clip_dir).eval()
+    model = build_toy_model(f"toy-{family}", resolution=32, seed=0)
+    prompts = ["a red circle above a blue square on a dark background", ""]
+    with torch.no_grad():
+        before = encode_prompt(model, prompts).prompt_embeds
+        text_encoders_from_clip(model, ci_bootstrap.clip_dir)
+        embeds = encode_prompt(model, prompts)
+        ids = model.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=model.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        tower = clip.text_model(input_ids=ids, output_hidden_states=True)
+    assert not torch.allclose(before, embeds.prompt_embeds)
+    if family == "sd15":
+        torch.testing.assert_close(embeds.prompt_embeds, tower.last_hidden_state)
+    else:
+        # SDXL conditions on the penultimate layer of both encoders and pools the second.
+        penultimate = tower.hidden_states[-2]
+        torch.testing.assert_close(
+            embeds.prompt_embeds, torch.cat([penultimate, penultimate], dim=-1)
+        )
+        torch.testing.assert_close(
+            embeds.pooled_prompt_embeds, clip.text_projection(tower.pooler_output)
+        )
+    save_base_model(model, tmp_path / "base")
+    with torch.no_grad():
+        reloaded = encode_prompt(load_base_model(tmp_path / "base"), prompts)
+    torch.testing.assert_close(reloaded.prompt_embeds, embeds.prompt_embeds)
+
+
+def test_text_encoder_from_clip_needs_a_trained_clip():
+    with pytest.raises(ConfigError, match=r"bootstrap\.text_encoder 'clip'.*clip_steps 0"):
+        load_params(
+            None, preset="ci", overrides=["bootstrap.text_encoder=clip", "bootstrap.clip_steps=0"]
+        )
+
+
+def test_bootstrap_trains_its_text_encoder_from_the_toy_clip(ci_bootstrap, tmp_path):
+    """bootstrap.text_encoder=clip: the saved base model's text encoder has the CLIP's text
+    config and was trained on from the CLIP's weights (it is neither the CLIP's nor random)."""
+    from transformers import CLIPModel
+
+    params = load_params(
+        None,
+        preset="ci",
+        overrides=[f"bootstrap.cache_dir={tmp_path}", "bootstrap.text_encoder=clip"],
+    )
+    result = bootstrap_toy_world(params, progress=False)
+    encoder = load_base_model(result.base_model_dir).text_encoder
+    clip = CLIPModel.from_pretrained(result.clip_dir)
+    assert encoder.config.num_attention_heads == clip.config.text_config.num_attention_heads
+    trained = encoder.state_dict()
+    start = {key.removeprefix("text_model."): value for key, value in trained.items()}
+    clip_tower = clip.text_model.state_dict()
+    assert start.keys() == clip_tower.keys()
+    moved = max((start[key] - clip_tower[key]).abs().max() for key in clip_tower)
+    assert 0 < moved < 0.5  # fine-tuned with the UNet, from the CLIP's weights
+    plain = load_base_model(ci_bootstrap.base_model_dir).text_encoder.state_dict()
+    assert any(not torch.equal(plain[key], value) for key, value in trained.items() if key in plain)

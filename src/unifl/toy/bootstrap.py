@@ -38,6 +38,7 @@ it changes the bits.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -349,6 +350,44 @@ def train_denoiser(
     for module in trainable:
         module.eval().requires_grad_(False)
     return {"unet_loss": loss_ema}
+
+
+def text_encoders_from_clip(model, clip_dir: Path) -> None:
+    """Replace `model`'s text encoder(s) with the text tower of the toy CLIP in `clip_dir`.
+
+    SD's text encoder is the text tower of a pretrained CLIP (SDXL's second one
+    with its text projection). The toy CLIP is tokenised by the same toy
+    tokenizer, so its text weights fit the base model as they are; each encoder
+    takes the CLIP's text config.
+    """
+    from transformers import CLIPModel, CLIPTextModel, CLIPTextModelWithProjection
+
+    clip = CLIPModel.from_pretrained(clip_dir)
+    if len(model.tokenizer) != clip.config.text_config.vocab_size:
+        raise ValueError(
+            f"{clip_dir}: the CLIP's vocabulary ({clip.config.text_config.vocab_size}) is not "
+            f"the base model's tokenizer's ({len(model.tokenizer)})"
+        )
+    tower = clip.text_model.state_dict()
+
+    def weights(encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+        # transformers versions differ in whether the encoder wraps the transformer.
+        prefix = "text_model." if hasattr(encoder, "text_model") else ""
+        loaded = {prefix + key: value for key, value in tower.items()}
+        if hasattr(encoder, "text_projection"):
+            loaded["text_projection.weight"] = clip.text_projection.weight
+        return loaded
+
+    text_config = clip.config.text_config
+    encoder = CLIPTextModel(text_config)
+    encoder.load_state_dict(weights(encoder))
+    model.text_encoder = encoder.eval()
+    if model.family == "sdxl":
+        text_config = copy.deepcopy(text_config)
+        text_config.projection_dim = clip.config.projection_dim
+        second = CLIPTextModelWithProjection(text_config)
+        second.load_state_dict(weights(second))
+        model.text_encoder_2 = second.eval()
 
 
 def denoiser_recipe(boot: BootstrapConfig, seed: int) -> dict[str, Any]:
@@ -690,6 +729,8 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
             # The side models must be done before the UNet's processes take the cores.
             segmenter_metrics = segmenter_done.result()
             clip_metrics = clip_done.result() if clip_done is not None else {}
+        if boot.text_encoder == "clip":
+            text_encoders_from_clip(model, tmp / "clip")
 
         clock = time.perf_counter()
         training = denoiser_recipe(boot, seed)
