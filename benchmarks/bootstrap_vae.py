@@ -1,7 +1,9 @@
-"""The toy base model trained on the latents of VAEs trained for different step counts.
+"""The toy base model trained on the latents of VAEs trained for different step counts,
+and at other settings of its own training.
 
     python benchmarks/bootstrap_vae.py                            # bootstrap.vae_steps 600 and 1800
     python benchmarks/bootstrap_vae.py --vae-steps 600 1200 --seeds 0 1
+    python benchmarks/bootstrap_vae.py --vae-steps 600 --variant bootstrap.text_encoder=clip
 
 A VAE trained longer reconstructs the toy images better, and PeFL needs the
 perceptual model to read the decoded images; but the UNet then has other
@@ -16,10 +18,14 @@ base model samples the held-out captions at `sampling.steps` (the samples'
 seed is `project.seed` for every UNet seed), and prints:
 per VAE, its reconstructions' caption-match and segmenter loss (the ceiling
 it leaves the samples); per seed, the base model's caption-match, extra
-objects and final UNet loss; and the caption-match change of every VAE over
+objects and final UNet loss; and the caption-match change of every row over
 the first, paired by seed. One UNet seed moves caption-match by up to 0.05, so
-a single seed cannot tell two VAEs apart. Outputs go to `--out` (default
-runs/bootstrap_vae), and a base model already trained there is read back.
+a single seed cannot tell two VAEs apart. A `--variant` (comma-separated
+`--set` overrides) changes only the base model's own training (for example
+`bootstrap.text_encoder`, `bootstrap.unet_learning_rate`): each VAE's
+bootstrap stays the one of the configuration without it, and every variant
+adds a row per VAE. Outputs go to `--out` (default runs/bootstrap_vae), and
+a base model already trained there is read back.
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ def train_base(params: Params, boot, seed: int, out: Path, progress: bool) -> di
     from unifl.models.toy_presets import build_toy_model
     from unifl.toy.bootstrap import (
         denoiser_recipe,
+        text_encoders_from_clip,
         train_denoiser,
         train_denoiser_in_processes,
         training_processes,
@@ -82,6 +89,10 @@ def train_base(params: Params, boot, seed: int, out: Path, progress: bool) -> di
             f"toy-{params.bootstrap.family}", resolution=params.toy.resolution, seed=seed
         )
         model.vae = load_base_model(boot.base_model_dir).vae
+        if params.bootstrap.text_encoder == "clip":
+            if boot.clip_dir is None:
+                raise SystemExit(f"{boot.directory}: no pretrained toy CLIP to start from")
+            text_encoders_from_clip(model, boot.clip_dir)
         processes = training_processes(params)
         if processes == 1:
             unet = train_denoiser(
@@ -118,6 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     toy_arguments(parser, seeds=[0, 1, 2])
     parser.add_argument("--vae-steps", type=int, nargs="+", default=[600, 1800])
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="comma-separated overrides of the base model's own training, beside the defaults",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bootstrap_vae"))
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -128,21 +145,29 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     rows = []
     for steps in args.vae_steps:
-        params = load_params(
-            args.params,
-            preset=args.preset,
-            overrides=[*args.overrides, f"bootstrap.vae_steps={steps}"],
-        )
+        overrides = [*args.overrides, f"bootstrap.vae_steps={steps}"]
+        params = load_params(args.params, preset=args.preset, overrides=overrides)
         apply_num_threads(params.project)
         boot = bootstrap_toy_world(params, progress=not args.no_progress)
-        runs = [
-            train_base(
-                params, boot, seed, args.out / f"vae-{steps}" / f"seed-{seed}",
-                progress=not args.no_progress,
+        floor = vae_floor(boot)
+        for variant in [None, *args.variant]:
+            variant_params = params
+            name = f"vae-{steps}"
+            if variant is not None:
+                variant_params = load_params(
+                    args.params, preset=args.preset, overrides=[*overrides, *variant.split(",")]
+                )
+                name += "_" + variant.replace("=", "-").replace(",", "_")
+            runs = [
+                train_base(
+                    variant_params, boot, seed, args.out / name / f"seed-{seed}",
+                    progress=not args.no_progress,
+                )
+                for seed in args.seeds
+            ]  # fmt: skip
+            rows.append(
+                (steps if variant is None else f"{steps}, {variant}", boot.directory, floor, runs)
             )
-            for seed in args.seeds
-        ]  # fmt: skip
-        rows.append((steps, boot.directory, vae_floor(boot), runs))
 
     seeds = " ".join(map(str, args.seeds))
     print(
@@ -151,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{time.perf_counter() - started:.0f} s"
     )
     print(
-        "| bootstrap.vae_steps | reconstructions: caption-match | segmenter loss | base "
+        "| bootstrap.vae_steps[, variant] | reconstructions: caption-match | segmenter loss | base "
         "caption-match per seed | mean ± std | extra objects | final UNet loss |"
     )
     print("|---|---|---|---|---|---|---|")
@@ -171,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             for run, base in zip(runs, first, strict=True)
         ]
         print(
-            f"caption-match change, vae_steps {steps} over {first_steps}, paired by seed: "
+            f"caption-match change, {steps} over {first_steps}, paired by seed: "
             f"{mean_std_text(changes)} ("
             + " / ".join(f"{change:+.3f}" for change in changes)
             + f"); bootstrap {directory}"
