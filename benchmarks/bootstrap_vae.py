@@ -11,7 +11,7 @@ latents to learn in the same budget. For each `bootstrap.vae_steps` given,
 the bootstrap of that setting (trained when it is not cached) supplies its
 VAE and segmenter; at each seed a UNet and text encoder start from the toy
 preset's initialisation of that seed and train on that VAE's latents with
-the bootstrap's own recipe (`unifl.toy.bootstrap.denoiser_recipe`, on the
+the bootstrap's own recipe (`unifl.toy.bootstrap.train_base_model`, on the
 bootstrap's processes). With the seed of the bootstrap's `project.seed`
 this is the bootstrap's own base model, bit for bit on one machine. Each
 base model samples the held-out captions at `sampling.steps` (the samples'
@@ -36,22 +36,20 @@ import sys
 import time
 from pathlib import Path
 
-from toy_table import mean_std_text, toy_arguments
+from toy_table import mean_std_text, toy_arguments, variant_dir, with_seed
 from unifl.config import Params, load_params
 
 
-def vae_floor(boot) -> dict[str, float]:
-    """Caption-match and segmenter loss of the bootstrap VAE's reconstructions of the held-out images."""
+def vae_floor(boot, held_out) -> dict[str, float]:
+    """Caption-match and segmenter loss of the bootstrap VAE's reconstructions of `held_out`."""
     import torch
 
     from unifl.models.base import decode_latents, encode_images, load_base_model
     from unifl.models.segmenter import ToySegmenter
     from unifl.toy.caption_match import caption_match
-    from unifl.toy.dataset import load_toy_arrays
 
     model = load_base_model(boot.base_model_dir)
     segmenter = ToySegmenter.load(boot.segmenter_dir)
-    held_out = load_toy_arrays(boot.eval_data_dir)
     images = held_out.image_tensor()
     with torch.no_grad():
         reconstructions = decode_latents(model, encode_images(model, images))
@@ -60,60 +58,32 @@ def vae_floor(boot) -> dict[str, float]:
     return {"caption_match": rate, "segmenter_loss": loss}
 
 
-def train_base(params: Params, boot, seed: int, out: Path, progress: bool) -> dict[str, float]:
-    """A base model of `seed` on the bootstrap's VAE, trained and evaluated in `out`."""
+def train_base(
+    params: Params, boot, train, held_out, seed: int, out: Path, progress: bool
+) -> dict[str, float]:
+    """A base model of `seed` on the bootstrap's VAE, trained on `train` and evaluated on
+    `held_out` (toy arrays) in `out`."""
     metrics_path = out / "metrics.json"
     if metrics_path.is_file():
         return json.loads(metrics_path.read_text())
     from unifl.io import atomic_directory, write_json
-    from unifl.models.base import load_base_model, save_base_model
-    from unifl.models.sampler import generate
+    from unifl.models.base import load_base_model
     from unifl.models.segmenter import ToySegmenter
     from unifl.models.toy_presets import build_toy_model
-    from unifl.toy.bootstrap import (
-        denoiser_recipe,
-        text_encoders_from_clip,
-        train_denoiser,
-        train_denoiser_in_processes,
-        training_processes,
-    )
+    from unifl.toy.bootstrap import sample_captions, train_base_model
     from unifl.toy.caption_match import caption_match
-    from unifl.toy.dataset import load_toy_arrays
 
-    training = denoiser_recipe(params.bootstrap, seed)
-    train = load_toy_arrays(boot.train_data_dir)
-    held_out = load_toy_arrays(boot.eval_data_dir)
     started = time.perf_counter()
     with atomic_directory(out) as tmp:
         model = build_toy_model(
             f"toy-{params.bootstrap.family}", resolution=params.toy.resolution, seed=seed
         )
         model.vae = load_base_model(boot.base_model_dir).vae
-        if params.bootstrap.text_encoder == "clip":
-            if boot.clip_dir is None:
-                raise SystemExit(f"{boot.directory}: no pretrained toy CLIP to start from")
-            text_encoders_from_clip(model, boot.clip_dir)
-        processes = training_processes(params)
-        if processes == 1:
-            unet = train_denoiser(
-                model, train.image_tensor(), train.captions, progress=progress, **training
-            )
-            save_base_model(model, tmp / "base")
-        else:
-            save_base_model(model, tmp / "base")
-            unet, _ = train_denoiser_in_processes(
-                tmp / "base", train.image_tensor(), train.captions, processes,
-                params.project, progress, **training,
-            )  # fmt: skip
-            model = load_base_model(tmp / "base")
-        samples = generate(
-            model,
-            held_out.captions,
-            steps=params.sampling.steps,
-            guidance_scale=params.sampling.guidance_scale,
-            seed=params.project.seed,
-            progress=progress,
-        )
+        model, unet, _ = train_base_model(
+            model, tmp / "base", train.image_tensor(), train.captions,
+            with_seed(params, seed), boot.clip_dir, progress,
+        )  # fmt: skip
+        samples = sample_captions(model, held_out.captions, params, progress)
         match = caption_match(ToySegmenter.load(boot.segmenter_dir), samples, held_out.captions)
         metrics = {
             "caption_match": match.rate,
@@ -141,33 +111,37 @@ def main(argv: list[str] | None = None) -> int:
 
     from unifl.models.precision import apply_num_threads
     from unifl.toy.bootstrap import bootstrap_toy_world
+    from unifl.toy.dataset import load_toy_arrays
 
+    def config(steps: int, variant: str | None) -> Params:
+        extra = [] if variant is None else variant.split(",")
+        overrides = [*args.overrides, f"bootstrap.vae_steps={steps}", *extra]
+        return load_params(args.params, preset=args.preset, overrides=overrides)
+
+    # Every configuration loads before any training, so that a bad override fails first.
+    variants: list[str | None] = [None, *args.variant]
+    configs = {(steps, v): config(steps, v) for steps in args.vae_steps for v in variants}
     started = time.perf_counter()
     rows = []
     for steps in args.vae_steps:
-        overrides = [*args.overrides, f"bootstrap.vae_steps={steps}"]
-        params = load_params(args.params, preset=args.preset, overrides=overrides)
+        # The VAE's bootstrap is the one of the configuration without a variant.
+        params = configs[steps, None]
         apply_num_threads(params.project)
         boot = bootstrap_toy_world(params, progress=not args.no_progress)
-        floor = vae_floor(boot)
-        for variant in [None, *args.variant]:
-            variant_params = params
-            name = f"vae-{steps}"
-            if variant is not None:
-                variant_params = load_params(
-                    args.params, preset=args.preset, overrides=[*overrides, *variant.split(",")]
-                )
-                name += "_" + variant.replace("=", "-").replace(",", "_")
+        train = load_toy_arrays(boot.train_data_dir)
+        held_out = load_toy_arrays(boot.eval_data_dir)
+        floor = vae_floor(boot, held_out)
+        for variant in variants:
+            name = f"vae-{steps}" + ("" if variant is None else f"_{variant_dir(variant)}")
             runs = [
                 train_base(
-                    variant_params, boot, seed, args.out / name / f"seed-{seed}",
-                    progress=not args.no_progress,
+                    configs[steps, variant], boot, train, held_out, seed,
+                    args.out / name / f"seed-{seed}", progress=not args.no_progress,
                 )
                 for seed in args.seeds
             ]  # fmt: skip
-            rows.append(
-                (steps if variant is None else f"{steps}, {variant}", boot.directory, floor, runs)
-            )
+            label = steps if variant is None else f"{steps}, {variant}"
+            rows.append((label, boot.directory, floor, runs))
 
     seeds = " ".join(map(str, args.seeds))
     print(

@@ -35,6 +35,7 @@ from toy_table import (
     mean_std_text,
     run_variants,
     toy_arguments,
+    variant_dir,
     with_seed,
 )
 from unifl.config import DIMENSIONS
@@ -73,10 +74,6 @@ def run_one(configs, boot, reward: Path, out: Path, seed: int, variant: str | No
     else:
         summary = evaluate(seeded, boot, reward, model_dir, run_dir / f"eval-{name}")
     return summary | loss_terms(run_dir / name / "history.csv", seeded.pefl.perceptual_weight)
-
-
-def variant_dir(variant: str) -> str:
-    return variant.replace("=", "-").replace(",", "_")
 
 
 def loss_terms(history: Path, perceptual_weight: float) -> dict[str, float]:

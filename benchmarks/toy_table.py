@@ -174,6 +174,11 @@ def run_variants(
     return results
 
 
+def variant_dir(variant: str) -> str:
+    """A directory name for a variant (comma-separated `K=V` overrides)."""
+    return variant.replace("=", "-").replace(",", "_")
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     if not values:
         return float("nan"), float("nan")

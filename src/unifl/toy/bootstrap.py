@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from unifl.config import BootstrapConfig, Params, ProjectConfig
+from unifl.config import Params, ProjectConfig
 from unifl.io import atomic_directory, write_json
 from unifl.models.precision import adamw, apply_num_threads
 
@@ -390,9 +390,30 @@ def text_encoders_from_clip(model, clip_dir: Path) -> None:
         model.text_encoder_2 = second.eval()
 
 
-def denoiser_recipe(boot: BootstrapConfig, seed: int) -> dict[str, Any]:
-    """`train_denoiser`'s training arguments from the `bootstrap` section (its UNet recipe)."""
-    return {
+def train_base_model(
+    model,
+    model_dir: Path,
+    images: torch.Tensor,
+    captions: list[str],
+    params: Params,
+    clip_dir: Path | None,
+    progress: bool = True,
+) -> tuple[Any, dict[str, float], dict[str, torch.Tensor] | None]:
+    """Train `model`'s UNet and text encoder(s) with the bootstrap's recipe; save it in `model_dir`.
+
+    The text encoders start as `bootstrap.text_encoder` says (from the toy CLIP
+    in `clip_dir` for 'clip'); training runs on `training_processes(params)`
+    processes with the `bootstrap.unet_*` settings and `project.seed`. Returns
+    the model with its last weights (also saved in `model_dir`), the training
+    metrics and, with `bootstrap.unet_ema_decay`, the moving averages by
+    `denoiser_parameters` name.
+    """
+    from unifl.models.base import load_base_model, save_base_model
+
+    boot = params.bootstrap
+    if boot.text_encoder == "clip":
+        text_encoders_from_clip(model, clip_dir)
+    training = {
         "steps": boot.unet_steps,
         "batch_size": boot.unet_batch_size,
         "learning_rate": boot.unet_learning_rate,
@@ -400,8 +421,35 @@ def denoiser_recipe(boot: BootstrapConfig, seed: int) -> dict[str, Any]:
         "min_snr_gamma": boot.min_snr_gamma,
         "timestep_sampling": boot.timestep_sampling,
         "logit_normal": (boot.logit_normal_mean, boot.logit_normal_std),
-        "seed": seed,
+        "seed": params.project.seed,
     }
+    processes = training_processes(params)
+    if processes == 1:
+        ema = denoiser_ema(model, boot.unet_ema_decay)
+        metrics = train_denoiser(model, images, captions, progress=progress, ema=ema, **training)
+        save_base_model(model, model_dir)
+        return model, metrics, None if ema is None else ema.shadow
+    save_base_model(model, model_dir)
+    metrics, averages = train_denoiser_in_processes(
+        model_dir, images, captions, processes, params.project, progress,
+        ema_decay=boot.unet_ema_decay, **training,
+    )  # fmt: skip
+    return load_base_model(model_dir), metrics, averages
+
+
+def sample_captions(model, captions: list[str], params: Params, progress: bool = True):
+    """The bootstrap's evaluation samples of `captions`: `sampling.steps` steps at
+    `sampling.guidance_scale`, seeded by `project.seed`."""
+    from unifl.models.sampler import generate
+
+    return generate(
+        model,
+        captions,
+        steps=params.sampling.steps,
+        guidance_scale=params.sampling.guidance_scale,
+        seed=params.project.seed,
+        progress=progress,
+    )
 
 
 def denoiser_parameters(model) -> dict[str, torch.nn.Parameter]:
@@ -643,8 +691,7 @@ def bootstrap_toy_world(
 
 
 def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResult:
-    from unifl.models.base import load_base_model, save_base_model
-    from unifl.models.sampler import generate
+    from unifl.models.base import save_base_model
     from unifl.models.segmenter import ToySegmenter
     from unifl.models.toy_presets import build_toy_model
     from unifl.toy.caption_match import caption_match
@@ -676,7 +723,6 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
         eval_images = evaluation.image_tensor()
         timings["data_s"] = time.perf_counter() - clock
 
-        processes = training_processes(params)
         parallel = process_slots(params) > 1
         segmenter_job = dict(
             images=images,
@@ -729,33 +775,12 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
             # The side models must be done before the UNet's processes take the cores.
             segmenter_metrics = segmenter_done.result()
             clip_metrics = clip_done.result() if clip_done is not None else {}
-        if boot.text_encoder == "clip":
-            text_encoders_from_clip(model, tmp / "clip")
 
         clock = time.perf_counter()
-        training = denoiser_recipe(boot, seed)
-        if processes == 1:
-            ema = denoiser_ema(model, boot.unet_ema_decay)
-            metrics.update(
-                train_denoiser(
-                    model, images, train.captions, progress=progress, ema=ema, **training
-                )
-            )
-            averages = None if ema is None else ema.shadow
-        else:
-            save_base_model(model, tmp / "base")
-            unet_metrics, averages = train_denoiser_in_processes(
-                tmp / "base",
-                images,
-                train.captions,
-                processes,
-                params.project,
-                progress,
-                ema_decay=boot.unet_ema_decay,
-                **training,
-            )
-            metrics.update(unet_metrics)
-            model = load_base_model(tmp / "base")
+        model, unet_metrics, averages = train_base_model(
+            model, tmp / "base", images, train.captions, params, tmp / "clip", progress
+        )
+        metrics.update(unet_metrics)
         timings["unet_s"] = time.perf_counter() - clock
         timings["segmenter_s"] = segmenter_metrics["seconds"]
         metrics.update({f"segmenter_{k}": float(v) for k, v in segmenter_metrics.items()})
@@ -766,27 +791,17 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
 
         clock = time.perf_counter()
 
-        def sample_eval_captions() -> torch.Tensor:
-            return generate(
-                model,
-                evaluation.captions,
-                steps=params.sampling.steps,
-                guidance_scale=params.sampling.guidance_scale,
-                seed=seed,
-                progress=progress,
-            )
-
         if averages is not None:
             # The last weights' samples, the baseline of the average in the same run.
-            last = caption_match(segmenter, sample_eval_captions(), evaluation.captions)
+            last_samples = sample_captions(model, evaluation.captions, params, progress)
+            last = caption_match(segmenter, last_samples, evaluation.captions)
             metrics["caption_match_base_20_steps_last_weights"] = float(last.rate)
             with torch.no_grad():
                 for name, parameter in denoiser_parameters(model).items():
                     parameter.copy_(averages[name])
-        if processes == 1 or averages is not None:  # else the training process saved it
             save_base_model(model, tmp / "base")
         real = caption_match(segmenter, eval_images, evaluation.captions)
-        samples = sample_eval_captions()
+        samples = sample_captions(model, evaluation.captions, params, progress)
         generated = caption_match(segmenter, samples, evaluation.captions)
         metrics["caption_match_real"] = float(real.rate)
         metrics["caption_match_base_20_steps"] = float(generated.rate)
