@@ -112,12 +112,13 @@ class BootstrapConfig(Section):
         "random toy CLIP.",
     )
     text_encoder: Literal["scratch", "clip"] = Field(
-        "scratch",
+        "clip",
         description="Where the toy base model's text encoder(s) start before training with the "
-        "UNet: 'scratch' (random) or 'clip' (the text tower of the bootstrap's pretrained toy "
-        "CLIP, as SD's text encoder is a pretrained CLIP's; for SDXL both encoders, the second "
-        "with the CLIP's text projection). 'clip' needs clip_steps > 0 (benchmarks/"
-        "bootstrap_vae.py --variant bootstrap.text_encoder=clip compares the two).",
+        "UNet: 'clip' (the text tower of the bootstrap's pretrained toy CLIP, as SD's text "
+        "encoder is a pretrained CLIP's; for SDXL both encoders, the second with the CLIP's "
+        "text projection) or 'scratch' (random). 'clip' needs clip_steps > 0, so "
+        "clip_steps 0 goes with 'scratch' (benchmarks/bootstrap_vae.py --variant "
+        "bootstrap.text_encoder=scratch compares the two).",
     )
     clip_batch_size: int = Field(
         128, ge=2, description="Image-caption pairs per contrastive batch of the toy CLIP."
@@ -166,7 +167,8 @@ class BootstrapConfig(Section):
         if self.text_encoder == "clip" and self.clip_steps == 0:
             raise ValueError(
                 "bootstrap.text_encoder 'clip' starts the text encoders from the pretrained toy "
-                "CLIP, which bootstrap.clip_steps 0 does not train"
+                "CLIP, which bootstrap.clip_steps 0 does not train: set bootstrap.text_encoder "
+                "to 'scratch' or clip_steps above 0"
             )
         return self
 

@@ -345,18 +345,14 @@ def test_text_encoder_from_clip_needs_a_trained_clip():
 
 
 def test_bootstrap_trains_its_text_encoder_from_the_toy_clip(ci_bootstrap, tmp_path):
-    """bootstrap.text_encoder=clip: the saved base model's text encoder has the CLIP's text
-    config and was trained on from the CLIP's weights (it is neither the CLIP's nor random)."""
+    """bootstrap.text_encoder: clip (the default): the saved base model's text encoder has the
+    CLIP's text config and was trained on from the CLIP's weights (it is neither the CLIP's
+    nor the one 'scratch' trains from a random start)."""
     from transformers import CLIPModel
 
-    params = load_params(
-        None,
-        preset="ci",
-        overrides=[f"bootstrap.cache_dir={tmp_path}", "bootstrap.text_encoder=clip"],
-    )
-    result = bootstrap_toy_world(params, progress=False)
-    encoder = load_base_model(result.base_model_dir).text_encoder
-    clip = CLIPModel.from_pretrained(result.clip_dir)
+    assert ci_bootstrap.manifest["config"]["bootstrap"]["text_encoder"] == "clip"
+    encoder = load_base_model(ci_bootstrap.base_model_dir).text_encoder
+    clip = CLIPModel.from_pretrained(ci_bootstrap.clip_dir)
     assert encoder.config.num_attention_heads == clip.config.text_config.num_attention_heads
     trained = encoder.state_dict()
     start = {key.removeprefix("text_model."): value for key, value in trained.items()}
@@ -364,5 +360,11 @@ def test_bootstrap_trains_its_text_encoder_from_the_toy_clip(ci_bootstrap, tmp_p
     assert start.keys() == clip_tower.keys()
     moved = max((start[key] - clip_tower[key]).abs().max() for key in clip_tower)
     assert 0 < moved < 0.5  # fine-tuned with the UNet, from the CLIP's weights
-    plain = load_base_model(ci_bootstrap.base_model_dir).text_encoder.state_dict()
+    params = load_params(
+        None,
+        preset="ci",
+        overrides=[f"bootstrap.cache_dir={tmp_path}", "bootstrap.text_encoder=scratch"],
+    )
+    scratch = bootstrap_toy_world(params, progress=False)
+    plain = load_base_model(scratch.base_model_dir).text_encoder.state_dict()
     assert any(not torch.equal(plain[key], value) for key, value in trained.items() if key in plain)

@@ -510,6 +510,8 @@ def test_cli_trains_and_writes_the_model(small_set, tmp_path: Path, one_thread):
             # A random toy CLIP: no bootstrap for its pretrained one.
             "--set",
             "bootstrap.clip_steps=0",
+            "--set",
+            "bootstrap.text_encoder=scratch",
         ],
     )
 
@@ -565,6 +567,7 @@ def test_the_toy_backbone_is_the_bootstraps_pretrained_clip(
     overrides = [
         f"bootstrap.cache_dir={ci_bootstrap.directory.parent}",
         f"bootstrap.clip_steps={clip_steps}",
+        f"bootstrap.text_encoder={'clip' if clip_steps else 'scratch'}",
         "reward.backbone_learning_rate=0",  # frozen: the saved backbone is the one it started from
         "reward.epochs=1",
         "reward.head_hidden_dim=8",
