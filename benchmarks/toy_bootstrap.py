@@ -3,6 +3,7 @@
     python benchmarks/toy_bootstrap.py                 # params.yaml defaults (targets: <= 8 min, <= 4 GiB)
     python benchmarks/toy_bootstrap.py --seeds 0 1 2   # three training seeds, one after the other
     python benchmarks/toy_bootstrap.py --preset ci     # the tiny test preset
+    python benchmarks/toy_bootstrap.py --seeds 0 1 2 --cached   # measure the cached ones again
 
 Trains the bootstrap from scratch (`--force`) in a child process, into this
 configuration's cache directory, which `make run` then reuses. The child's
@@ -20,6 +21,9 @@ per seed and as mean ± std: the spread over seeds is the noise a single
 figure carries. With `--set bootstrap.unet_ema_decay=D` it also prints the
 weight average's caption-match against the last weights of the same
 training (the bootstrap's own check, from its manifest), paired by seed.
+Below the rates it sorts each image set's missed caption objects into wrong
+shape and wrong colour (`unifl.toy.caption_match`). `--cached` measures
+the bootstraps already in the cache instead of training them again.
 It also prints the toy CLIP's image-to-caption retrieval on the held-out
 images against its random initialisation and chance (from the manifest).
 """
@@ -34,6 +38,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from unifl.toy.caption_match import CaptionMatch
 
 
 def run_bootstrap(
@@ -83,8 +91,9 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def measure_rates(params, out: Path) -> dict[str, tuple[float, float]]:
-    """{image set: (caption-match with own captions, with another image's caption)}."""
+def measure_rates(params, out: Path) -> dict[str, tuple[float, float, CaptionMatch]]:
+    """{image set: (caption-match with own captions, with another image's caption, the
+    own-caption match with its misses by kind)}."""
     import torch
 
     from unifl.models.base import decode_latents, encode_images, load_base_model
@@ -103,11 +112,9 @@ def measure_rates(params, out: Path) -> dict[str, tuple[float, float]]:
     # above it; noise that the segmenter reads as scattered shapes scores the same on both.
     rotated = captions[1:] + captions[:1]
 
-    def rates_of(images: torch.Tensor) -> tuple[float, float]:
-        return (
-            caption_match(segmenter, images, captions).rate,
-            caption_match(segmenter, images, rotated).rate,
-        )
+    def rates_of(images: torch.Tensor) -> tuple[float, float, CaptionMatch]:
+        own = caption_match(segmenter, images, captions)
+        return own.rate, caption_match(segmenter, images, rotated).rate, own
 
     real = evaluation.image_tensor()
     trained = load_base_model(out / "base")
@@ -144,12 +151,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=None, help="training seeds (default: project.seed)"
     )
+    parser.add_argument(
+        "--cached",
+        action="store_true",
+        help="measure the bootstraps already cached for these seeds (training only missing "
+        "ones); wall time is then the manifest's total_s, peak memory the manifest's largest "
+        "process",
+    )
     args = parser.parse_args(argv)
 
     import statistics
 
     from unifl.config import load_params
-    from unifl.toy.bootstrap import default_directory
+    from unifl.toy.bootstrap import bootstrap_toy_world, default_directory
 
     params = load_params(args.params, preset=args.preset, overrides=args.overrides)
     seeds = args.seeds or [params.project.seed]
@@ -159,16 +173,24 @@ def main(argv: list[str] | None = None) -> int:
         seeded = load_params(args.params, preset=args.preset, overrides=overrides)
         # The fresh bootstrap replaces this configuration's cache entry, so `make run` reuses it.
         out = default_directory(seeded)
-        wall, peak_gib = run_bootstrap(out, args.params, args.preset, overrides)
-        manifest = json.loads((out / "manifest.json").read_text())
+        if args.cached:
+            out = bootstrap_toy_world(seeded).directory
+            manifest = json.loads((out / "manifest.json").read_text())
+            wall = manifest["timings"]["total_s"]
+            peak_gib = max(manifest["peak_rss_gib"], manifest["peak_rss_child_gib"])
+        else:
+            wall, peak_gib = run_bootstrap(out, args.params, args.preset, overrides)
+            manifest = json.loads((out / "manifest.json").read_text())
         runs.append((seed, wall, peak_gib, manifest, measure_rates(seeded, out)))
 
-    print(f"toy bootstrap from scratch ({args.preset or args.params}), {os.cpu_count()} CPU cores")
+    how = "cached, times from the manifests" if args.cached else "from scratch"
+    print(f"toy bootstrap {how} ({args.preset or args.params}), {os.cpu_count()} CPU cores")
     for seed, wall, peak_gib, manifest, _ in runs:
         processes = manifest["config"]["processes"]
         print(f"  seed {seed}")
         print(f"    wall time          {wall / 60:6.2f} min   (target <= 8 min)")
-        print(f"    peak memory        {peak_gib:6.2f} GiB   (target <= 4 GiB; all its processes)")
+        whose = "its largest process" if args.cached else "all its processes"
+        print(f"    peak memory        {peak_gib:6.2f} GiB   (target <= 4 GiB; {whose})")
         print(f"    processes          {processes:6d}       (training the UNet together)")
         for stage, seconds in manifest["timings"].items():
             print(f"      {stage:<16} {seconds:7.1f} s")
@@ -179,10 +201,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'':<42}{columns}{summary}   (chance: against another image's caption)")
     for name in runs[0][4]:
         values = [rates[name] for *_, rates in runs]
-        cells = "".join(f"{rate:8.3f} ({chance:.3f})" for rate, chance in values)
+        cells = "".join(f"{rate:8.3f} ({chance:.3f})" for rate, chance, _ in values)
         if len(runs) > 1:
-            own = [rate for rate, _ in values]
+            own = [rate for rate, _, _ in values]
             cells += f"  {statistics.fmean(own):.3f} ± {statistics.stdev(own):.3f}"
+        print(f"  {name:<42}{cells}")
+    print(
+        "  missed caption objects: wrong shape (their colour there as another shape) / "
+        "wrong colour (their shape there in another colour), as shares of all objects"
+    )
+    for name in runs[0][4]:
+        matches = [rates[name][2] for *_, rates in runs]
+        cells = "".join(
+            f"{match.wrong_shape / match.total:8.3f} / {match.wrong_colour / match.total:.3f}"
+            for match in matches
+        )
         print(f"  {name:<42}{cells}")
     if all("clip_eval_retrieval" in manifest["metrics"] for *_, manifest, _ in runs):
         print(

@@ -244,6 +244,27 @@ def test_extra_objects_count_regions_beyond_the_caption() -> None:
     assert match_masks(torch.zeros_like(mask), [caption] * 3).extra_objects.tolist() == [0.0] * 3
 
 
+def test_misses_are_sorted_into_wrong_shape_and_wrong_colour() -> None:
+    caption = "a red circle left of a blue square on a dark background"
+    mask = torch.zeros(4, 32, 32, dtype=torch.long)
+    mask[:, 10:16, 2:8] = semantic_class("circle", "red")
+    mask[0, 10:16, 20:26] = semantic_class("square", "blue")  # both found
+    mask[1, 10:16, 20:26] = semantic_class("triangle", "blue")  # the square's shape is lost
+    mask[2, 10:16, 20:26] = semantic_class("square", "green")  # the square's colour is lost
+    # Image 3: no second object, and the red circle is also read as a green one: the square
+    # is missed with neither its shape nor its colour there (the circle's red is no blue).
+    mask[3, 20:26, 20:26] = semantic_class("circle", "green")
+    result = match_masks(mask, [caption] * 4)
+    assert result.per_image.tolist() == [1.0, 0.5, 0.5, 0.5]
+    assert (result.wrong_shape, result.wrong_colour) == (1, 1)
+    both = torch.zeros(1, 32, 32, dtype=torch.long)
+    both[0, 10:16, 2:8] = semantic_class("circle", "blue")  # blue there, as another shape
+    both[0, 10:16, 20:26] = semantic_class("square", "red")  # square there, in another colour
+    result = match_masks(both, ["a blue square on a dark background"])
+    assert (result.matched, result.wrong_shape, result.wrong_colour) == (0, 1, 1)
+    assert match_masks(mask[:1], [caption]).wrong_shape == 0
+
+
 def test_predicted_masks_do_not_depend_on_the_batch_size(trained) -> None:
     model, _, held_out = trained
     images = held_out.image_tensor()[:20]

@@ -17,6 +17,11 @@ number of object regions (at least ``min_area_fraction * H * W`` pixels, after
 the majority vote) beyond the number of objects the caption names, or 0:
 ground-truth toy images score 0.
 
+Misses by kind: a caption object that is not matched is a *wrong shape* when
+a large-enough region of its colour is there as another shape, a *wrong
+colour* when its shape is there in another colour (both can hold), so that a
+rate below the ceiling says whether the model loses shapes or colours.
+
 Chance level: an image that shows other objects than its caption's (or no
 objects) matches only through segmentation errors; with captions shuffled
 across ground-truth toy images a perfect segmenter matches about 1 object in 6
@@ -37,6 +42,7 @@ from unifl.toy.oracle import (
     mask_statistics,
     object_region_counts,
 )
+from unifl.toy.vocabulary import COLORS, SHAPES
 from unifl.toy.world import CaptionError, parse_caption, semantic_class
 
 
@@ -44,7 +50,8 @@ from unifl.toy.world import CaptionError, parse_caption, semantic_class
 class CaptionMatch:
     """rate: matched / all caption objects; per_image: float [N]; matched, total: counts;
     objects: float [N], the objects each caption names; extra_objects: float [N], object
-    regions beyond them."""
+    regions beyond them; wrong_shape, wrong_colour: counts of the missed objects whose colour
+    (shape) is there as another shape (in another colour)."""
 
     rate: float
     per_image: torch.Tensor
@@ -52,6 +59,8 @@ class CaptionMatch:
     total: int
     objects: torch.Tensor
     extra_objects: torch.Tensor
+    wrong_shape: int = 0
+    wrong_colour: int = 0
 
 
 @torch.no_grad()
@@ -96,23 +105,30 @@ def match_masks(
     counts = stats.counts.tolist()
     per_image = torch.zeros(len(captions))
     objects = torch.zeros(len(captions))
-    matched = total = 0
+    matched = total = wrong_shape = wrong_colour = 0
     for index, caption in enumerate(captions):
         try:
             parsed = parse_caption(caption)
         except CaptionError as exc:
             raise CaptionError(f"image {index}: {exc}") from None
-        hits = sum(
-            counts[index][semantic_class(shape, color)] >= min_pixels
-            for _, color, shape in parsed.objects
-        )
+
+        def present(shape: str, color: str, index: int = index) -> bool:
+            return counts[index][semantic_class(shape, color)] >= min_pixels
+
+        hits = 0
+        for _, color, shape in parsed.objects:
+            if present(shape, color):
+                hits += 1
+                continue
+            wrong_shape += any(present(other, color) for other in SHAPES if other != shape)
+            wrong_colour += any(present(shape, other) for other in COLORS if other != color)
         per_image[index] = hits / len(parsed.objects)
         objects[index] = len(parsed.objects)
         matched += hits
         total += len(parsed.objects)
     extra = (object_region_counts(masks, min_pixels) - objects).clamp_min(0.0)
     rate = matched / total if total else 0.0
-    return CaptionMatch(rate, per_image, matched, total, objects, extra)
+    return CaptionMatch(rate, per_image, matched, total, objects, extra, wrong_shape, wrong_colour)
 
 
 def caption_match(
