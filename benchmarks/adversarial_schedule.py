@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 from toy_table import (
+    bind_to_bootstrap,
     build_data,
     evaluate,
     gap_closed,
@@ -113,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params, preset=args.preset, overrides=args.overrides)
     apply_num_threads(params.project)
     boot = bootstrap_toy_world(params)
+    for directory in (args.out, args.start):
+        if directory is not None:
+            bind_to_bootstrap(directory, boot)
     reward = build_data(params, boot, args.data)["reward"]
     variants: list[int | None] = [None, *args.schedules]
     common = (params, boot, reward, args.out, args.start)

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from toy_table import (
+    bind_to_bootstrap,
     evaluate,
     mean_std,
     mean_std_text,
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     params.evaluate.steps = [20]
     apply_num_threads(params.project)
     boot = bootstrap_toy_world(params)
+    bind_to_bootstrap(args.start, boot)
+    bind_to_bootstrap(args.out, boot)
     variants: list[str | None] = [None, *args.groups]
     common = (params, boot, args.start, args.out)
     results = run_variants(run_one, common, args.seeds, variants, args.jobs, base_once=False)

@@ -24,7 +24,7 @@ import math
 import sys
 from pathlib import Path
 
-from toy_table import build_data, evaluate, gap_closed, mean_std, run_jobs
+from toy_table import bind_to_bootstrap, build_data, evaluate, gap_closed, mean_std, run_jobs
 
 METRICS = ("caption_match", "frechet", "extra_objects")
 
@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         parser.error(f"not a model directory: {', '.join(missing)}")
     boot = bootstrap_toy_world(params)
+    bind_to_bootstrap(args.out, boot)
     reward = build_data(params, boot, args.data)["reward"]
     scales = sorted(set(args.scales) | {params.evaluate.guidance_scale})
     variants: list[Path | None] = [None, *models]

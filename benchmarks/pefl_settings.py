@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 from toy_table import (
+    bind_to_bootstrap,
     build_data,
     evaluate,
     mean_std,
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     apply_num_threads(params.project)
     boot = bootstrap_toy_world(params)
+    bind_to_bootstrap(args.out, boot)
     reward = build_data(params, boot, args.data)["reward"]
     variants: list[str | None] = [None, DEFAULTS, *args.variants]
     common = (configs, boot, reward, args.out)

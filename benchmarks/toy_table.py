@@ -47,8 +47,32 @@ def with_seed(params: Params, seed: int) -> Params:
     return copy
 
 
+def bind_to_bootstrap(out: Path, boot) -> None:
+    """Record in `out` the bootstrap its runs stand on (`bootstrap.json`), and refuse an `out`
+    that holds runs on another bootstrap or with no record of one: the benchmarks read
+    finished runs back, and runs on two base models must not end up in one table."""
+    stamp = out / "bootstrap.json"
+    wanted = {"config_hash": boot.manifest["config_hash"], "directory": str(boot.directory)}
+    if stamp.is_file():
+        found = json.loads(stamp.read_text())
+        if found.get("config_hash") != wanted["config_hash"]:
+            raise SystemExit(
+                f"{out} holds runs on the bootstrap {found.get('directory')}, not on this "
+                f"configuration's {boot.directory}: remove it or pass another output directory"
+            )
+        return
+    if out.is_dir() and any(out.iterdir()):
+        raise SystemExit(
+            f"{out} holds runs with no record of their bootstrap ({stamp.name}): remove it or "
+            "pass another output directory"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(wanted, indent=2) + "\n")
+
+
 def build_data(params: Params, boot, out: Path) -> dict[str, Path]:
-    """Curated prompts, pairs from the base model, simulated labels and the reward model."""
+    """Curated prompts, pairs from the base model, simulated labels and the reward model
+    (read back when `out` holds them for this bootstrap)."""
     from unifl.data.pairs import run_pairs_stage
     from unifl.data.prompts import run_curate_stage
     from unifl.feedback.reward_training import train_reward_stage
@@ -61,6 +85,7 @@ def build_data(params: Params, boot, out: Path) -> dict[str, Path]:
         "labels": out / "data" / "labels",
         "reward": out / "data" / "reward",
     }
+    bind_to_bootstrap(out, boot)
     if not (paths["reward"] / "metrics.json").is_file():
         run_curate_stage(params, [], base, paths["prompts"])
         run_pairs_stage(params, paths["prompts"], base, paths["pairs"])
