@@ -762,12 +762,20 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _validate(data: dict[str, Any], source: str) -> Params:
+def _validate(data: dict[str, Any], source: str, fields_only: bool = False) -> Params | None:
+    """Validate `data`; an error names `source`. With `fields_only`, an error of a whole
+    section (a rule across its fields, such as bootstrap.text_encoder against clip_steps) is
+    left to a later validation, so that the order of overrides does not matter."""
     try:
         return Params.model_validate(data)
     except ValidationError as exc:
+        errors = exc.errors()
+        if fields_only and all(
+            len(err["loc"]) == 1 and err["type"] == "value_error" for err in errors
+        ):
+            return None
         problems = []
-        for err in exc.errors():
+        for err in errors:
             key = ".".join(str(part) for part in err["loc"])
             if err["type"] == "extra_forbidden":
                 problems.append(f"unknown key '{key}'")
@@ -800,7 +808,8 @@ def load_params(
 
     `path=None` (or a missing default `params.yaml`) uses the built-in defaults.
     Each layer is validated on its own so an error names the file (or the
-    override) that introduced it.
+    override) that introduced it; a rule across a section's fields is checked
+    once all overrides are in, so `--set` order does not matter.
     """
     data: dict[str, Any] = {}
     if path is not None:
@@ -818,8 +827,8 @@ def load_params(
         for part in reversed(parts):
             update = {part: update}
         data = _merge(data, update)
-        _validate(data, f"override {text!r}")
-    return _validate(data, "configuration")
+        _validate(data, f"override {text!r}", fields_only=True)
+    return _validate(data, "configuration")  # type: ignore[return-value]
 
 
 def params_to_yaml(params: Params) -> str:

@@ -342,6 +342,15 @@ def test_text_encoder_from_clip_needs_a_trained_clip():
         load_params(
             None, preset="ci", overrides=["bootstrap.text_encoder=clip", "bootstrap.clip_steps=0"]
         )
+    with pytest.raises(ConfigError, match=r"bootstrap\.text_encoder 'clip'.*clip_steps 0"):
+        load_params(None, preset="ci", overrides=["bootstrap.clip_steps=0"])  # clip: the default
+    # The rule holds once all overrides are in, whatever their order.
+    for overrides in (
+        ["bootstrap.clip_steps=0", "bootstrap.text_encoder=scratch"],
+        ["bootstrap.text_encoder=scratch", "bootstrap.clip_steps=0"],
+    ):
+        params = load_params(None, preset="ci", overrides=overrides)
+        assert (params.bootstrap.clip_steps, params.bootstrap.text_encoder) == (0, "scratch")
 
 
 def test_bootstrap_trains_its_text_encoder_from_the_toy_clip(ci_bootstrap, tmp_path):
