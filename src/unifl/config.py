@@ -80,12 +80,12 @@ class BootstrapConfig(Section):
         "Its reconstructions cap what the base model can show (the VAE row of "
         "benchmarks/toy_bootstrap.py).",
     )
-    unet_steps: int = Field(2000, ge=0, description="Training steps of the toy UNet.")
+    unet_steps: int = Field(4000, ge=0, description="Training steps of the toy UNet.")
     unet_batch_size: int = Field(
-        64,
+        32,
         ge=1,
-        description="Batch size of the toy UNet. A batch of at least 64 trains data-parallel, "
-        "one process per free core with at least 32 samples each.",
+        description="Batch size of the toy UNet. A batch of at least 32 trains data-parallel, "
+        "one process per free core with at least 16 samples each.",
     )
     unet_learning_rate: float = Field(
         2e-3,

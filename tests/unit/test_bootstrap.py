@@ -267,7 +267,7 @@ def test_min_snr_weighting_changes_the_unet_update():
 
 
 def test_training_processes_follow_cores_threads_and_batch():
-    """Process count: cores / threads, at least 32 samples a process, a divisor of the batch."""
+    """Process count: cores / threads, at least 16 samples a process, a divisor of the batch."""
     from unittest import mock
 
     from unifl.toy.bootstrap import process_slots, training_processes
@@ -282,14 +282,14 @@ def test_training_processes_follow_cores_threads_and_batch():
     assert processes(1, process_slots) == 1
     assert processes(2, process_slots, **{"project.num_threads": "null"}) == 1
 
-    assert processes(2) == 2  # the defaults: UNet batch 64, one thread each
-    assert processes(2, **{"bootstrap.unet_batch_size": 32}) == 1
-    assert processes(1, **{"bootstrap.unet_batch_size": 64}) == 1
-    assert processes(16, **{"bootstrap.unet_batch_size": 64}) == 2  # at least 32 samples each
-    assert processes(16, **{"bootstrap.unet_batch_size": 96}) == 3
-    assert processes(16, **{"bootstrap.unet_batch_size": 80}) == 2  # a divisor of the batch
-    assert processes(8, **{"bootstrap.unet_batch_size": 128, "project.num_threads": 4}) == 2
-    assert processes(8, **{"bootstrap.unet_batch_size": 128, "project.num_threads": "null"}) == 1
+    assert processes(2) == 2  # the defaults: UNet batch 32, one thread each
+    assert processes(2, **{"bootstrap.unet_batch_size": 16}) == 1
+    assert processes(1, **{"bootstrap.unet_batch_size": 32}) == 1
+    assert processes(16, **{"bootstrap.unet_batch_size": 32}) == 2  # at least 16 samples each
+    assert processes(16, **{"bootstrap.unet_batch_size": 48}) == 3
+    assert processes(16, **{"bootstrap.unet_batch_size": 56}) == 2  # a divisor of the batch
+    assert processes(8, **{"bootstrap.unet_batch_size": 64, "project.num_threads": 4}) == 2
+    assert processes(8, **{"bootstrap.unet_batch_size": 64, "project.num_threads": "null"}) == 1
     # The VAE's and segmenter's batch does not decide how the UNet trains.
     assert processes(2, **{"bootstrap.batch_size": 128}) == 2
 
