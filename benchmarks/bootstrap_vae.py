@@ -44,7 +44,13 @@ import sys
 import time
 from pathlib import Path
 
-from toy_table import mean_std_text, toy_arguments, variant_dir, with_seed
+from toy_table import (
+    caption_match_by_sample_seed,
+    mean_std_text,
+    toy_arguments,
+    variant_dir,
+    with_seed,
+)
 from unifl.config import Params, load_params
 
 
@@ -96,8 +102,6 @@ def sample_seed_rates(
     from unifl.io import write_json
     from unifl.models.base import load_base_model
     from unifl.models.segmenter import ToySegmenter
-    from unifl.toy.bootstrap import sample_captions
-    from unifl.toy.caption_match import caption_match
 
     rates = metrics.setdefault(
         "caption_match_by_sample_seed", {str(params.project.seed): metrics["caption_match"]}
@@ -106,9 +110,10 @@ def sample_seed_rates(
     if missing:
         model = load_base_model(out / "base")
         segmenter = ToySegmenter.load(boot.segmenter_dir)
-        for seed in missing:
-            samples = sample_captions(model, held_out.captions, with_seed(params, seed), progress)
-            rates[str(seed)] = caption_match(segmenter, samples, held_out.captions).rate
+        found = caption_match_by_sample_seed(
+            model, segmenter, held_out.captions, params, missing, progress
+        )
+        rates.update({str(seed): rate for seed, rate in found.items()})
         write_json(out / "metrics.json", metrics)
     return [rates[str(seed)] for seed in sample_seeds]
 

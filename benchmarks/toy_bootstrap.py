@@ -4,6 +4,7 @@
     python benchmarks/toy_bootstrap.py --seeds 0 1 2   # three training seeds, one after the other
     python benchmarks/toy_bootstrap.py --preset ci     # the tiny test preset
     python benchmarks/toy_bootstrap.py --seeds 0 1 2 --cached   # measure the cached ones again
+    python benchmarks/toy_bootstrap.py --seeds 0 1 2 --cached --sample-seeds 0 1 2 3 4
 
 Trains the bootstrap from scratch (`--force`) in a child process, into this
 configuration's cache directory, which `make run` then reuses. The child's
@@ -23,7 +24,10 @@ weight average's caption-match against the last weights of the same
 training (the bootstrap's own check, from its manifest), paired by seed.
 Below the rates it sorts each image set's missed caption objects into wrong
 shape and wrong colour (`unifl.toy.caption_match`). `--cached` measures
-the bootstraps already in the cache instead of training them again.
+the bootstraps already in the cache instead of training them again. The
+samples' seed moves one base model's caption-match by a few hundredths:
+`--sample-seeds` also scores each trained base model on the samples of
+several seeds and prints their mean per training seed and over them.
 It also prints the toy CLIP's image-to-caption retrieval on the held-out
 images against its random initialisation and chance (from the manifest).
 """
@@ -143,6 +147,20 @@ def measure_rates(params, out: Path) -> dict[str, tuple[float, float, CaptionMat
     return rates
 
 
+def base_model_by_sample_seed(params, out: Path, seeds: list[int]) -> dict[int, float]:
+    """Caption-match of the bootstrap's base model in `out` on the samples of each seed."""
+    from toy_table import caption_match_by_sample_seed
+    from unifl.models.base import load_base_model
+    from unifl.models.segmenter import ToySegmenter
+    from unifl.toy.dataset import load_toy_arrays
+
+    captions = load_toy_arrays(out / "data" / "eval").captions
+    return caption_match_by_sample_seed(
+        load_base_model(out / "base"), ToySegmenter.load(out / "segmenter"), captions, params,
+        seeds, progress=False,
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
@@ -158,6 +176,13 @@ def main(argv: list[str] | None = None) -> int:
         "ones); wall time is then the manifest's total_s, peak memory the manifest's largest "
         "process",
     )
+    parser.add_argument(
+        "--sample-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="also score each trained base model on the samples of these seeds and average them",
+    )
     args = parser.parse_args(argv)
 
     import statistics
@@ -168,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params, preset=args.preset, overrides=args.overrides)
     seeds = args.seeds or [params.project.seed]
     runs = []
+    by_sample_seed: dict[int, dict[int, float]] = {}
     for seed in seeds:
         overrides = [*args.overrides, f"project.seed={seed}"]
         seeded = load_params(args.params, preset=args.preset, overrides=overrides)
@@ -182,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             wall, peak_gib = run_bootstrap(out, args.params, args.preset, overrides)
             manifest = json.loads((out / "manifest.json").read_text())
         runs.append((seed, wall, peak_gib, manifest, measure_rates(seeded, out)))
+        if args.sample_seeds:
+            by_sample_seed[seed] = base_model_by_sample_seed(seeded, out, args.sample_seeds)
 
     how = "cached, times from the manifests" if args.cached else "from scratch"
     print(f"toy bootstrap {how} ({args.preset or args.params}), {os.cpu_count()} CPU cores")
@@ -217,6 +245,21 @@ def main(argv: list[str] | None = None) -> int:
             for match in matches
         )
         print(f"  {name:<42}{cells}")
+    if by_sample_seed:
+        print(
+            f"trained base model, {params.sampling.steps} steps, on the samples of seeds "
+            f"{' '.join(map(str, args.sample_seeds))}: caption-match per sample seed and mean"
+        )
+        means = []
+        for seed, rates in by_sample_seed.items():
+            means.append(statistics.fmean(rates.values()))
+            cells = " / ".join(f"{rate:.3f}" for rate in rates.values())
+            print(f"  {f'seed {seed}':<10}{cells}   mean {means[-1]:.3f}")
+        if len(means) > 1:
+            print(
+                f"  {'mean ± std over training seeds':<42}"
+                f"{statistics.fmean(means):.3f} ± {statistics.stdev(means):.3f}"
+            )
     if all("clip_eval_retrieval" in manifest["metrics"] for *_, manifest, _ in runs):
         print(
             f"toy CLIP (the reward backbone, {params.bootstrap.clip_steps} contrastive steps): "

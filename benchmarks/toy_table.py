@@ -47,6 +47,21 @@ def with_seed(params: Params, seed: int) -> Params:
     return copy
 
 
+def caption_match_by_sample_seed(
+    model, segmenter, captions: list[str], params: Params, seeds: list[int], progress: bool
+) -> dict[int, float]:
+    """Caption-match of `model`'s samples of `captions` at each sample seed (the samples'
+    `project.seed`, everything else as `params` says)."""
+    from unifl.toy.bootstrap import sample_captions
+    from unifl.toy.caption_match import caption_match
+
+    rates = {}
+    for seed in seeds:
+        samples = sample_captions(model, captions, with_seed(params, seed), progress)
+        rates[seed] = caption_match(segmenter, samples, captions).rate
+    return rates
+
+
 def bind_to_bootstrap(out: Path, boot) -> None:
     """Record in `out` the bootstrap its runs stand on (`bootstrap.json`), and refuse an `out`
     that holds runs on another bootstrap or with no record of one: the benchmarks read
