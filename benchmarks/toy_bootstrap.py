@@ -95,22 +95,25 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def measure_rates(params, out: Path) -> dict[str, tuple[float, float, CaptionMatch]]:
+def measure_rates(
+    params, out: Path, sample_seeds: list[int] | None = None
+) -> tuple[dict[str, tuple[float, float, CaptionMatch]], dict[int, float]]:
     """{image set: (caption-match with own captions, with another image's caption, the
-    own-caption match with its misses by kind)}."""
+    own-caption match with its misses by kind)}, and the trained base model's caption-match
+    on the samples of each of `sample_seeds` (that of `project.seed` from the samples above)."""
     import torch
 
+    from toy_table import caption_match_by_sample_seed
     from unifl.models.base import decode_latents, encode_images, load_base_model
-    from unifl.models.sampler import generate
     from unifl.models.segmenter import ToySegmenter
     from unifl.models.toy_presets import build_toy_model
+    from unifl.toy.bootstrap import sample_captions
     from unifl.toy.caption_match import caption_match
     from unifl.toy.dataset import load_toy_arrays
 
     segmenter = ToySegmenter.load(out / "segmenter")
     evaluation = load_toy_arrays(out / "data" / "eval")
     captions = evaluation.captions
-    sampling = params.sampling
     # Chance level of each image set: its caption-match against another image's caption
     # (captions rotated by one). Images that show their own caption's objects score far
     # above it; noise that the segmenter reads as scattered shapes scores the same on both.
@@ -136,29 +139,13 @@ def measure_rates(params, out: Path) -> dict[str, tuple[float, float, CaptionMat
     }
     for name, model in models.items():
         with torch.no_grad():
-            images = generate(
-                model,
-                captions,
-                steps=sampling.steps,
-                guidance_scale=sampling.guidance_scale,
-                seed=params.project.seed,
-            )
-        rates[f"{name}, {sampling.steps} steps"] = rates_of(images)
-    return rates
-
-
-def base_model_by_sample_seed(params, out: Path, seeds: list[int]) -> dict[int, float]:
-    """Caption-match of the bootstrap's base model in `out` on the samples of each seed."""
-    from toy_table import caption_match_by_sample_seed
-    from unifl.models.base import load_base_model
-    from unifl.models.segmenter import ToySegmenter
-    from unifl.toy.dataset import load_toy_arrays
-
-    captions = load_toy_arrays(out / "data" / "eval").captions
-    return caption_match_by_sample_seed(
-        load_base_model(out / "base"), ToySegmenter.load(out / "segmenter"), captions, params,
-        seeds, progress=False,
-    )  # fmt: skip
+            images = sample_captions(model, captions, params, progress=False)
+        rates[f"{name}, {params.sampling.steps} steps"] = rates_of(images)
+    own_seed = params.project.seed
+    others = [seed for seed in sample_seeds or [] if seed != own_seed]
+    by_seed = caption_match_by_sample_seed(trained, segmenter, captions, params, others, False)
+    by_seed[own_seed] = rates[f"trained base model, {params.sampling.steps} steps"][0]
+    return rates, {seed: by_seed[seed] for seed in sample_seeds or []}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,9 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             wall, peak_gib = run_bootstrap(out, args.params, args.preset, overrides)
             manifest = json.loads((out / "manifest.json").read_text())
-        runs.append((seed, wall, peak_gib, manifest, measure_rates(seeded, out)))
-        if args.sample_seeds:
-            by_sample_seed[seed] = base_model_by_sample_seed(seeded, out, args.sample_seeds)
+        rates, by_sample_seed[seed] = measure_rates(seeded, out, args.sample_seeds)
+        runs.append((seed, wall, peak_gib, manifest, rates))
 
     how = "cached, times from the manifests" if args.cached else "from scratch"
     print(f"toy bootstrap {how} ({args.preset or args.params}), {os.cpu_count()} CPU cores")
@@ -245,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             for match in matches
         )
         print(f"  {name:<42}{cells}")
-    if by_sample_seed:
+    if args.sample_seeds:
         print(
             f"trained base model, {params.sampling.steps} steps, on the samples of seeds "
             f"{' '.join(map(str, args.sample_seeds))}: caption-match per sample seed and mean"

@@ -593,10 +593,9 @@ def _train_and_save_clip(
 
 
 MIN_SAMPLES_PER_PROCESS = 16
-"""A process's smallest share of a UNet batch. Below it the toy UNet's step is overhead-bound:
-on one thread a step of 16 samples takes 0.08 s and one of 32 0.11 s, so a batch of 32 trains
-in two processes of 16 at 0.087 s a step (with the all-reduce), and smaller shares gain
-little more."""
+"""A process's smallest share of a UNet batch. A toy UNet step is mostly fixed cost, so smaller
+shares gain little: a batch of 32 takes 0.099 s a step in one process and 0.082 s in two of 16
+(with the all-reduce; `benchmarks/unet_step.py`)."""
 
 
 def available_cores() -> int:

@@ -59,8 +59,8 @@ class CaptionMatch:
     total: int
     objects: torch.Tensor
     extra_objects: torch.Tensor
-    wrong_shape: int = 0
-    wrong_colour: int = 0
+    wrong_shape: int
+    wrong_colour: int
 
 
 @torch.no_grad()
@@ -111,17 +111,19 @@ def match_masks(
             parsed = parse_caption(caption)
         except CaptionError as exc:
             raise CaptionError(f"image {index}: {exc}") from None
-
-        def present(shape: str, color: str, index: int = index) -> bool:
-            return counts[index][semantic_class(shape, color)] >= min_pixels
-
+        present = {
+            (shape, color)
+            for shape in SHAPES
+            for color in COLORS
+            if counts[index][semantic_class(shape, color)] >= min_pixels
+        }
         hits = 0
         for _, color, shape in parsed.objects:
-            if present(shape, color):
+            if (shape, color) in present:
                 hits += 1
                 continue
-            wrong_shape += any(present(other, color) for other in SHAPES if other != shape)
-            wrong_colour += any(present(shape, other) for other in COLORS if other != color)
+            wrong_shape += any(c == color for _, c in present)
+            wrong_colour += any(s == shape for s, _ in present)
         per_image[index] = hits / len(parsed.objects)
         objects[index] = len(parsed.objects)
         matched += hits
