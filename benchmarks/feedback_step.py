@@ -50,6 +50,11 @@ from typing import Any
 RESULT_MARKER = "FEEDBACK_STEP_RESULT "
 STAGES = ("pefl", "decoupled", "adversarial")
 H200_BF16_DENSE_TFLOPS = 989.0
+# The architecture cases' variants: name -> (LoRA, gradient checkpointing); plus "naive".
+ARCHITECTURE_VARIANTS = {
+    "lora": (True, False), "lora+ckpt": (True, True),
+    "full": (False, False), "full+ckpt": (False, True),
+}  # fmt: skip
 
 
 @dataclass
@@ -351,6 +356,69 @@ def run_case(case: Case) -> dict[str, Any]:
     }
 
 
+def count_unet_ops(model_name: str) -> dict[str, int]:
+    """ATen operations one guided no-grad UNet call (batch 2) dispatches: plain, LoRA, LoRA merged.
+
+    The full architectures are built on the meta device (shapes only, no arithmetic),
+    so the counts come in seconds on any machine.
+    """
+    import torch
+    from peft import LoraConfig
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from unifl.config import TrainerConfig
+    from unifl.feedback.sampling import merged_lora
+    from unifl.models.base import encode_prompt
+
+    class OpCounter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    if model_name.startswith("toy"):
+        device = torch.device("cpu")
+        model = _base_model(Case(model_name, "pefl", "feedback"), device)
+    else:
+        device = torch.device("meta")
+        model = _full_architecture(model_name.split("-")[0], device)
+    with torch.no_grad():
+        embeds = encode_prompt(model, ["a red circle", ""])
+    size = model.image_size // model.vae_scale_factor
+    latents = torch.zeros(2, model.unet.config.in_channels, size, size, device=device)
+    arguments = {
+        "timestep": torch.full((2,), 500, device=device),
+        "encoder_hidden_states": embeds.prompt_embeds,
+    }
+    if model.family == "sdxl":
+        arguments["added_cond_kwargs"] = {
+            "text_embeds": embeds.pooled_prompt_embeds, "time_ids": embeds.add_time_ids
+        }  # fmt: skip
+
+    def count() -> int:
+        # The UNet itself (predict_noise's range check reads values, which meta tensors lack).
+        counter = OpCounter()
+        with torch.no_grad(), counter:
+            model.unet(latents, **arguments)
+        return counter.count
+
+    counts = {"plain": count()}
+    config = TrainerConfig()
+    model.unet.add_adapter(
+        LoraConfig(r=config.lora_rank, target_modules=list(config.lora_target_modules))
+    )
+    counts["lora"] = count()
+    with merged_lora(model.unet):
+        counts["lora merged"] = count()
+    counts["lora layers"] = sum(
+        1 for name, _ in model.unet.named_modules() if name.endswith("lora_A")
+    )
+    return counts
+
+
 # --------------------------------------------------------------------------- parent side
 
 
@@ -372,14 +440,13 @@ def cases_from_args(args: argparse.Namespace) -> list[Case]:
                 )  # fmt: skip
     if args.architectures:
         precision = "bf16" if not args.tiny_architectures else "no"
-        names = ("sd15-tiny", "sdxl-tiny") if args.tiny_architectures else ("sd15-512", "sdxl-1024")
-        for model in names:
+        for model in args.architecture_models:
+            if args.tiny_architectures:
+                model = model.split("-")[0] + "-tiny"
             for stage in args.stages:
-                variants = [
-                    ("lora", True, False), ("lora+ckpt", True, True),
-                    ("full", False, False), ("full+ckpt", False, True),
-                ]  # fmt: skip
-                for name, lora, checkpointing in variants:
+                for name, (lora, checkpointing) in ARCHITECTURE_VARIANTS.items():
+                    if name not in args.variants:
+                        continue
                     cases.append(
                         Case(
                             model, stage, name, precision=precision, lora=lora,
@@ -387,6 +454,8 @@ def cases_from_args(args: argparse.Namespace) -> list[Case]:
                             tiny=args.tiny_architectures, **common,
                         )
                     )  # fmt: skip
+                if "naive" not in args.variants:
+                    continue
                 cases.append(
                     Case(
                         model, stage, "naive", precision="no", lora=True,
@@ -406,7 +475,9 @@ def run_in_child(case: Case, timeout: float) -> dict[str, Any]:
     for line in done.stdout.splitlines():
         if line.startswith(RESULT_MARKER):
             return json.loads(line[len(RESULT_MARKER) :])
-    tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+    lines = (done.stderr or done.stdout).strip().splitlines()
+    print("\n".join(f"  | {line}" for line in lines[-12:]), file=sys.stderr, flush=True)
+    tail = lines[-1:] or ["no output"]
     status = "OOM" if "OutOfMemoryError" in (done.stderr or "") else f"failed: {tail[0][:80]}"
     return {**asdict(case), "status": status}
 
@@ -463,10 +534,26 @@ def main(argv: list[str] | None = None) -> int:
                         help="Also SD1.5 @ 512 and SDXL @ 1024 architectures (random weights).")  # fmt: skip
     parser.add_argument("--tiny-architectures", action="store_true",
                         help="Run the architecture cases at tiny width (fp32), e.g. on a CPU.")  # fmt: skip
+    parser.add_argument("--architecture-models", type=lambda s: s.split(","),
+                        default=["sd15-512", "sdxl-1024"],
+                        help="Architecture cases' models (sd15-512, sdxl-1024).")  # fmt: skip
+    parser.add_argument("--variants", type=lambda s: s.split(","),
+                        default=[*ARCHITECTURE_VARIANTS, "naive"],
+                        help="Architecture cases' variants to run (comma-separated).")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=1800, help="Seconds per case.")
     parser.add_argument("--json", default=None, help="Also write the rows to this JSON file.")
+    parser.add_argument("--op-counts", action="store_true",
+                        help="Only count the ATen operations of one no-grad UNet call per model "
+                        "(toy-sd15, toy-sdxl, sd15-512, sdxl-1024), plain, LoRA, LoRA merged.")  # fmt: skip
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.op_counts:
+        print(f"{'model':<10} {'LoRA layers':>11} {'plain':>7} {'LoRA':>7} {'merged':>7}")
+        for name in ("toy-sd15", "toy-sdxl", "sd15-512", "sdxl-1024"):
+            ops = count_unet_ops(name)
+            print(f"{name:<10} {ops['lora layers']:>11} {ops['plain']:>7} {ops['lora']:>7} "
+                  f"{ops['lora merged']:>7}")  # fmt: skip
+        return 0
     if args.child:
         case = Case(**json.loads(args.child))
         print(RESULT_MARKER + json.dumps(run_case(case)), flush=True)
@@ -482,10 +569,16 @@ def main(argv: list[str] | None = None) -> int:
     for index, case in enumerate(cases, start=1):
         print(f"[{index}/{len(cases)}] {case.label()} ...", file=sys.stderr, flush=True)
         rows.append(run_in_child(case, args.timeout))
+        row = rows[-1]
+        if row["status"] == "ok":
+            print(f"  {row['ms_per_step']:.1f} ms/step, peak {row['peak_mib']:.0f} MiB",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        else:
+            print(f"  {row['status']}", file=sys.stderr, flush=True)
+        if args.json:  # after every case, so that a run cut short keeps its rows
+            with open(args.json, "w", encoding="utf-8") as handle:
+                json.dump(rows, handle, indent=2)
     print_table(rows)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(rows, handle, indent=2)
     return 0 if all(r.get("status") == "ok" for r in rows) else 1
 
 
