@@ -10,6 +10,7 @@ from unifl.feedback.sampling import (
     denoise,
     feedback_sample,
     guided_noise,
+    merged_lora,
     noise_latents,
     predict_x0,
     sample_step,
@@ -157,6 +158,80 @@ def test_denoise_and_final_step_equal_the_diffusers_ddim_loop(model, embeds):
         eps = predict_noise(model, ours, schedule.timestep(0), cond)
         ours = ddim_step(ours, eps, schedule.alpha(0), schedule.alpha_after(0))
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-5)
+
+
+def lora_toy_model(dtype=torch.float32):
+    """The toy model with LoRA adapters whose B matrices are random (so that they matter)."""
+    from peft import LoraConfig
+
+    lora_model = build_toy_model("toy-sd15", seed=0)
+    lora_model.unet.to(dtype)
+    lora_model.unet.add_adapter(
+        LoraConfig(r=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v"])
+    )
+    generator = torch.Generator().manual_seed(9)
+    for name, parameter in lora_model.unet.named_parameters():
+        if "lora_" in name:
+            parameter.data = 0.2 * torch.randn(parameter.shape, generator=generator)
+    return lora_model
+
+
+def base_weights(unet):
+    return {
+        name: parameter.detach().clone()
+        for name, parameter in unet.named_parameters()
+        if "lora_" not in name
+    }
+
+
+def test_denoise_with_lora_folds_the_adapters_in_and_restores_the_weights(embeds):
+    from peft.tuners.lora import LoraLayer
+
+    cond, uncond = embeds
+    lora_model = lora_toy_model()
+    before = base_weights(lora_model.unet)
+    schedule = FeedbackSchedule.from_scheduler(lora_model.scheduler, 20)
+    start = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        expected = start.clone()  # the adapters run as layers, unmerged
+        for step in range(10, 3, -1):
+            eps = guided_noise(lora_model, expected, schedule.timestep(step), cond, uncond, 3.0)
+            expected = ddim_step(expected, eps, schedule.alpha(step), schedule.alpha_after(step))
+        lora_model.unet.disable_adapters()
+        without = denoise(lora_model, start, schedule, 10, 3, cond, uncond, 3.0)
+        lora_model.unet.enable_adapters()
+    with UNetRecorder(lora_model.unet) as recorder:
+        merged = []
+        lora_model.unet.register_forward_pre_hook(
+            lambda unet, args: merged.append(
+                all(layer.merged for layer in unet.modules() if isinstance(layer, LoraLayer))
+            )
+        )
+        ours = denoise(lora_model, start, schedule, 10, 3, cond, uncond, 3.0)
+    assert len(recorder.timesteps) == 7 and merged == [True] * 7
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+    assert (ours - without).abs().max() > 100 * (ours - expected).abs().max()
+    after = base_weights(lora_model.unet)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert not any(
+        layer.merged for layer in lora_model.unet.modules() if isinstance(layer, LoraLayer)
+    )
+
+
+def test_merged_lora_restores_bf16_weights_exactly_even_on_error():
+    from peft.tuners.lora import LoraLayer
+
+    lora_model = lora_toy_model(torch.bfloat16)
+    before = base_weights(lora_model.unet)
+    layers = [layer for layer in lora_model.unet.modules() if isinstance(layer, LoraLayer)]
+    with pytest.raises(RuntimeError, match="inside"), merged_lora(lora_model.unet):
+        assert all(layer.merged for layer in layers)
+        changed = base_weights(lora_model.unet)
+        assert any(not torch.equal(before[name], changed[name]) for name in before)
+        raise RuntimeError("inside")
+    after = base_weights(lora_model.unet)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert not any(layer.merged for layer in layers)
 
 
 def test_guided_noise_is_uncond_plus_scale_times_difference(model, embeds):
