@@ -368,7 +368,7 @@ def count_unet_ops(model_name: str) -> dict[str, int]:
 
     from unifl.config import TrainerConfig
     from unifl.feedback.sampling import merged_lora
-    from unifl.models.base import encode_prompt
+    from unifl.models.base import encode_prompt, predict_noise
 
     class OpCounter(TorchDispatchMode):
         def __init__(self) -> None:
@@ -389,20 +389,11 @@ def count_unet_ops(model_name: str) -> dict[str, int]:
         embeds = encode_prompt(model, ["a red circle", ""])
     size = model.image_size // model.vae_scale_factor
     latents = torch.zeros(2, model.unet.config.in_channels, size, size, device=device)
-    arguments = {
-        "timestep": torch.full((2,), 500, device=device),
-        "encoder_hidden_states": embeds.prompt_embeds,
-    }
-    if model.family == "sdxl":
-        arguments["added_cond_kwargs"] = {
-            "text_embeds": embeds.pooled_prompt_embeds, "time_ids": embeds.add_time_ids
-        }  # fmt: skip
 
     def count() -> int:
-        # The UNet itself (predict_noise's range check reads values, which meta tensors lack).
         counter = OpCounter()
         with torch.no_grad(), counter:
-            model.unet(latents, **arguments)
+            predict_noise(model, latents, 500, embeds)
         return counter.count
 
     counts = {"plain": count()}

@@ -224,6 +224,7 @@ def test_merged_lora_restores_bf16_weights_exactly_even_on_error():
     lora_model = lora_toy_model(torch.bfloat16)
     before = base_weights(lora_model.unet)
     layers = [layer for layer in lora_model.unet.modules() if isinstance(layer, LoraLayer)]
+    assert len(layers) == 3 * 14  # to_q, to_k, to_v of the toy UNet's 14 attention layers
     with pytest.raises(RuntimeError, match="inside"), merged_lora(lora_model.unet):
         assert all(layer.merged for layer in layers)
         changed = base_weights(lora_model.unet)

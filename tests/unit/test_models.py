@@ -360,6 +360,10 @@ def test_predict_noise_timesteps_scalar_per_sample_and_range(toy_models):
         assert not torch.allclose(first, predict_noise(model, latents[:1], 10, embeds.select([0])))
         with pytest.raises(ValueError, match=r"\[0, 1000\)"):
             predict_noise(model, latents, 1000, embeds)
+        with pytest.raises(ValueError, match=r"\[0, 1000\)"):
+            predict_noise(model, latents, -1, embeds)
+        with pytest.raises(ValueError, match=r"\[0, 1000\)"):
+            predict_noise(model, latents, torch.tensor([5, 1000]), embeds)
         with pytest.raises(ValueError, match="one per sample"):
             predict_noise(model, latents, torch.tensor([1, 2, 3]), embeds)
         with pytest.raises(ValueError, match="prompt embeddings"):

@@ -117,12 +117,11 @@ def guided_noise(
     guidance_scale: float,
 ) -> Tensor:
     """Noise prediction with classifier-free guidance (skipped at scale 1)."""
-    t = torch.full((latents.shape[0],), timestep, dtype=torch.long, device=latents.device)
     if guidance_scale == 1.0 or uncond_embeds is None:
-        return predict_noise(model, latents, t, embeds)
+        return predict_noise(model, latents, timestep, embeds)
     both = embeds.with_unconditional(uncond_embeds)
     eps_uncond, eps_cond = predict_noise(
-        model, torch.cat([latents, latents]), torch.cat([t, t]), both
+        model, torch.cat([latents, latents]), timestep, both
     ).chunk(2)
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
@@ -133,12 +132,8 @@ def merged_lora(module: nn.Module) -> Iterator[None]:
 
     The base weights are copied first and restored from the copies on exit, so
     that merging and unmerging leave no rounding behind in bf16 weights. Outside
-    the context every layer runs unmerged again, as training needs. A module
-    without LoRA layers is left as it is.
+    the context every layer runs unmerged again, as training needs.
     """
-    if not any("lora" in name for name, _ in module.named_parameters()):
-        yield
-        return
     from peft.tuners.lora import LoraLayer
 
     layers = [
@@ -146,20 +141,18 @@ def merged_lora(module: nn.Module) -> Iterator[None]:
         for layer in module.modules()
         if isinstance(layer, LoraLayer) and not layer.merged and not layer.disable_adapters
     ]
-    weights = [layer.get_base_layer().weight for layer in layers]
-    originals = [weight.detach().clone() for weight in weights]
-    merged: list[LoraLayer] = []
+    originals = [layer.get_base_layer().weight.detach().clone() for layer in layers]
     try:
         with torch.no_grad():
             for layer in layers:
                 layer.merge()
-                merged.append(layer)
         yield
     finally:
         with torch.no_grad():
-            for layer, weight, original in zip(merged, weights, originals, strict=False):
-                layer.unmerge()
-                weight.copy_(original)
+            for layer, original in zip(layers, originals, strict=True):
+                if layer.merged:  # unmerge resets the layer's state; the copy, its weight
+                    layer.unmerge()
+                layer.get_base_layer().weight.copy_(original)
 
 
 @torch.no_grad()

@@ -581,6 +581,15 @@ def unconditional_embeds(
 def _timestep_tensor(
     model: BaseModel, timesteps: int | torch.Tensor, batch_size: int
 ) -> torch.Tensor:
+    limit = int(model.scheduler.config.num_train_timesteps)
+    if isinstance(timesteps, int):
+        # Checked on the host and filled on the device: reading a device tensor's values
+        # back would wait for the GPU on every UNet call.
+        if not 0 <= timesteps < limit:
+            raise ValueError(
+                f"timesteps must be scheduler timesteps in [0, {limit}), got {timesteps}"
+            )
+        return torch.full((), timesteps, dtype=torch.long, device=model.device)
     steps = torch.as_tensor(timesteps, device=model.device)
     if steps.is_floating_point() and not torch.equal(steps, steps.round()):
         raise ValueError("timesteps must be whole scheduler timesteps, got fractional values")
@@ -590,7 +599,6 @@ def _timestep_tensor(
             f"timesteps must be a scalar or one per sample ({batch_size}), got shape "
             f"{tuple(steps.shape)}"
         )
-    limit = int(model.scheduler.config.num_train_timesteps)
     low, high = int(steps.min()), int(steps.max())
     if low < 0 or high >= limit:
         raise ValueError(
