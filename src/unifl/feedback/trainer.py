@@ -945,7 +945,7 @@ class FeedbackTrainer:
         alphas = self.model.scheduler.alphas_cumprod[timesteps].to(self.device, torch.float32)
         alphas = alphas.view(-1, 1, 1, 1)
         noisy = alphas.sqrt() * latents + (1.0 - alphas).sqrt() * noise
-        noise_pred = predict_noise(self.unet_model, noisy, timesteps.to(self.device), embeds)
+        noise_pred = predict_noise(self.unet_model, noisy, timesteps, embeds)
         return noise_prediction_mse(noise_pred, noise)
 
     # ------------------------------------------------------------- checkpoints

@@ -590,7 +590,9 @@ def _timestep_tensor(
                 f"timesteps must be scheduler timesteps in [0, {limit}), got {timesteps}"
             )
         return torch.full((), timesteps, dtype=torch.long, device=model.device)
-    steps = torch.as_tensor(timesteps, device=model.device)
+    # A host tensor is checked before it moves, for the same reason; a device tensor's
+    # check reads it back.
+    steps = torch.as_tensor(timesteps)
     if steps.is_floating_point() and not torch.equal(steps, steps.round()):
         raise ValueError("timesteps must be whole scheduler timesteps, got fractional values")
     steps = steps.long()
@@ -604,7 +606,7 @@ def _timestep_tensor(
         raise ValueError(
             f"timesteps must be scheduler timesteps in [0, {limit}), got range [{low}, {high}]"
         )
-    return steps
+    return steps.to(model.device, non_blocking=True)
 
 
 def predict_noise(
