@@ -14,8 +14,10 @@ claims, against the spread over seeds, and says for each whether it holds.
     python benchmarks/toy_table.py --preset ci --seeds 0 1   # a quick smoke run
     python benchmarks/toy_table.py --jobs 2             # two seeds at a time (one per core)
 
-Outputs (tables as Markdown and JSON, every stage's outputs and sample grids)
-go to `--out` (default runs/toy_table).
+Outputs go to `--out` (default runs/toy_table): the tables as Markdown and
+JSON, `toy_table.png` (every metric by stage, a line per step count, mean ±
+std over seeds), `stage_samples.png` (the first seed's models side by side on
+the same captions and noise) and every stage's outputs and sample grids.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import time
 from pathlib import Path
 
 from unifl.config import DIMENSIONS, Params, load_params
+from unifl.evaluation.charts import mean_std, save_stage_chart
 
 MODELS = ("base", "+PeFL", "+decoupled", "+adversarial")
 STEP_COUNTS = (20, 4)
@@ -165,21 +168,40 @@ def run_seed(
     params: Params, boot, data: dict[str, Path], out: Path, seed: int, with_base: bool
 ) -> dict:
     """The three stages of one seed and their evaluations, with the base model's when
-    `with_base` (it depends on no seed, so one run evaluates it for all): {model: summary}."""
+    `with_base` (it depends on no seed, so one run evaluates it for all):
+    ({model: summary}, {model: model directory})."""
     from unifl.models.precision import apply_num_threads
 
     apply_num_threads(params.project)  # also in a worker process of --jobs
     seeded = with_seed(params, seed)
     run_dir = out / f"seed-{seed}"
     models = train_stages(seeded, boot, data, run_dir)
-    if not with_base:
-        del models["base"]
-    return {
+    summaries = {
         model: evaluate(
             seeded, boot, data["reward"], model_dir, run_dir / f"eval-{model.strip('+')}"
         )
         for model, model_dir in models.items()
+        if with_base or model != "base"
     }
+    return summaries, models
+
+
+def save_stage_samples(params: Params, boot, models: dict[str, Path], path: Path) -> Path:
+    """One grid of every stage's samples at each evaluated step count: the first
+    `evaluate.grid_prompts` held-out captions at seed `evaluate.seeds[0]`, as the
+    evaluation draws them."""
+    from unifl.evaluation.evaluate import load_eval_prompts, sample_grids
+    from unifl.evaluation.grids import save_comparison_grid
+    from unifl.models.base import load_base_model
+
+    config = params.evaluate
+    prompts = load_eval_prompts(boot.eval_data_dir, limit=config.grid_prompts)["prompt"].tolist()
+    loaded = {model: load_base_model(model_dir) for model, model_dir in models.items()}
+    grids = sample_grids(loaded, prompts, config)
+    rows = {
+        f"{model}, {steps} steps": grids[steps][model] for steps in grids for model in grids[steps]
+    }
+    return save_comparison_grid(rows, prompts, path, title=f"seed {params.project.seed}")
 
 
 def run_jobs(function, jobs: list[tuple], workers: int) -> list:
@@ -217,12 +239,6 @@ def run_variants(
 def variant_dir(variant: str) -> str:
     """A directory name for a variant (comma-separated `K=V` overrides)."""
     return variant.replace("=", "-").replace(",", "_")
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def mean_std_text(values: list[float], digits: int = 3) -> str:
@@ -345,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict[str, float]]] = {model: [] for model in MODELS}
     jobs = [(params, boot, data, args.out, seed, seed == args.seeds[0]) for seed in args.seeds]
     per_seed = run_jobs(run_seed, jobs, args.jobs)
-    for summaries in per_seed:
+    for summaries, _ in per_seed:
         for model, summary in summaries.items():
             results[model].append(summary)
     results["base"] *= len(args.seeds)  # one evaluation, paired with every seed
@@ -362,6 +378,17 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "toy_table.md").write_text(text + "\n")
     (args.out / "toy_table.json").write_text(json.dumps(results, indent=2) + "\n")
     print(text)
+    metrics = ["caption_match", "extra_objects", "frechet", *(f"oracle_{d}" for d in DIMENSIONS)]
+    metrics += [f"reward_{d}" for d in DIMENSIONS]
+    chart = save_stage_chart(
+        results, metrics, STEP_COUNTS, args.out / "toy_table.png",
+        title=f"toy table, mean ± std over seeds {' '.join(map(str, args.seeds))}",
+        lower_is_better=LOWER_IS_BETTER,
+    )  # fmt: skip
+    grid = save_stage_samples(
+        with_seed(params, args.seeds[0]), boot, per_seed[0][1], args.out / "stage_samples.png"
+    )
+    print(f"\nchart: {chart}\nsamples of every stage: {grid}")
     return 0
 
 

@@ -221,6 +221,42 @@ def test_comparison_grid_is_a_png_showing_the_images(tmp_path) -> None:
     assert not (tmp_path / "bad.png").exists()
 
 
+def test_stage_chart_draws_one_panel_per_metric_and_a_line_per_step_count(tmp_path) -> None:
+    from unifl.evaluation.charts import mean_std, save_stage_chart
+
+    assert mean_std([0.25, 0.5, 0.75]) == (0.5, 0.25)
+    assert mean_std([0.4]) == (0.4, 0.0)
+    results = {
+        "base": [
+            {"caption_match_20steps": 0.5, "caption_match_4steps": 0.35, "frechet_20steps": 0.2}
+        ],
+        "+PeFL": [
+            {"caption_match_20steps": 0.52, "caption_match_4steps": 0.36, "frechet_20steps": 0.25},
+            {"caption_match_20steps": 0.50, "caption_match_4steps": 0.38, "frechet_20steps": 0.24},
+        ],
+    }
+
+    def colours(path):
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+            pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+        # matplotlib's first two line colours: one line per step count.
+        return [
+            int(np.all(pixels == rgb, axis=1).sum()) for rgb in ([31, 119, 180], [255, 127, 14])
+        ]
+
+    both = save_stage_chart(results, ["caption_match", "frechet"], [20, 4], tmp_path / "c.png")
+    with Image.open(both) as image:
+        assert image.size == (640, 300)  # two panels side by side
+    first, second = colours(both)
+    assert first > 50 and second > 50
+    only_20 = save_stage_chart(results, ["caption_match"], [20], tmp_path / "one.png")
+    assert colours(only_20)[1] == 0
+    with pytest.raises(ValueError, match="at least one metric"):
+        save_stage_chart(results, [], [20], tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
+
+
 # --------------------------------------------------------------------------- inputs
 
 

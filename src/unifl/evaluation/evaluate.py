@@ -447,7 +447,7 @@ def evaluate_model(
     result = EvaluationResult(flat, by_steps, per_prompt, per_sample, settings)
     if out_dir is not None:
         grid_prompts = table["prompt"].tolist()[: config.grid_prompts]
-        grids = sample_grids(model, baseline, grid_prompts, config, labels)
+        grids = sample_grids({labels[0]: baseline, labels[1]: model}, grid_prompts, config)
         write_evaluation(result, out_dir, grids, grid_prompts, labels)
     return result
 
@@ -475,19 +475,18 @@ def wide_per_prompt(per_sample: pd.DataFrame) -> pd.DataFrame:
 
 
 def sample_grids(
-    model: Any,
-    baseline: Any | None,
+    models: Mapping[str, Any],
     prompts: Sequence[str],
     config: EvaluateConfig,
-    labels: tuple[str, str] = ("baseline", "model"),
 ) -> dict[int, dict[str, Tensor]]:
-    """Grid images per step count: `{steps: {label: images}}`, baseline first, then the
-    model, all from the same prompts and the same seed (`config.seeds[0]`)."""
+    """Grid images per step count: `{steps: {label: images}}`, one row per model of
+    `models` (label -> model, in their order; None is skipped), all from the same prompts
+    and the same seed (`config.seeds[0]`)."""
     grids: dict[int, dict[str, Tensor]] = {}
     for steps in config.steps:
         spacing = resolve_timestep_spacing(config, steps)
         rows: dict[str, Tensor] = {}
-        for label, candidate in ((labels[0], baseline), (labels[1], model)):
+        for label, candidate in models.items():
             if candidate is None:
                 continue
             images, _ = timed_generate(
