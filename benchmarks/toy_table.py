@@ -201,7 +201,8 @@ def save_stage_samples(params: Params, boot, models: dict[str, Path], path: Path
     rows = {
         f"{model}, {steps} steps": grids[steps][model] for steps in grids for model in grids[steps]
     }
-    return save_comparison_grid(rows, prompts, path, title=f"seed {params.project.seed}")
+    title = f"training seed {params.project.seed}, sample seed {config.seeds[0]}"
+    return save_comparison_grid(rows, prompts, path, title=title)
 
 
 def run_jobs(function, jobs: list[tuple], workers: int) -> list:

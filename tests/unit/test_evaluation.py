@@ -233,6 +233,7 @@ def test_stage_chart_draws_one_panel_per_metric_and_a_line_per_step_count(tmp_pa
         "+PeFL": [
             {"caption_match_20steps": 0.52, "caption_match_4steps": 0.36, "frechet_20steps": 0.25},
             {"caption_match_20steps": 0.50, "caption_match_4steps": 0.38, "frechet_20steps": 0.24},
+            {"caption_match_20steps": 0.51},  # a summary without the 4-step metrics
         ],
     }
 

@@ -34,7 +34,8 @@ def save_stage_chart(
     """Write a PNG with one panel per metric of `metrics`.
 
     `results` maps each stage, in order, to its summaries (one per seed), whose
-    keys are `metric_name(metric, steps)` (`caption_match_20steps`); a stage without a metric's key is left
+    keys are `metric_name(metric, steps)` (`caption_match_20steps`); a point is the
+    mean over the summaries that have its key, and a stage where none has it is left
     out of that line. Written atomically; returns the path.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -55,7 +56,7 @@ def save_stage_chart(
         for steps in step_counts:
             key = metric_name(metric, steps)
             points = [
-                (position, *mean_std([run[key] for run in results[stage]]))
+                (position, *mean_std([run[key] for run in results[stage] if key in run]))
                 for position, stage in enumerate(stages)
                 if any(key in run for run in results[stage])
             ]
