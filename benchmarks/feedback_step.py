@@ -538,6 +538,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(toy-sd15, toy-sdxl, sd15-512, sdxl-1024), plain, LoRA, LoRA merged.")  # fmt: skip
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.variants) - {*ARCHITECTURE_VARIANTS, "naive"})
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; known: {[*ARCHITECTURE_VARIANTS, 'naive']}")
     if args.op_counts:
         print(f"{'model':<10} {'LoRA layers':>11} {'plain':>7} {'LoRA':>7} {'merged':>7}")
         for name in ("toy-sd15", "toy-sdxl", "sd15-512", "sdxl-1024"):

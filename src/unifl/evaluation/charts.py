@@ -55,11 +55,8 @@ def save_stage_chart(
         axes = figure.add_subplot(rows, min(columns, len(metrics)), index + 1)
         for steps in step_counts:
             key = metric_name(metric, steps)
-            points = [
-                (position, *mean_std([run[key] for run in results[stage] if key in run]))
-                for position, stage in enumerate(stages)
-                if any(key in run for run in results[stage])
-            ]
+            values = [[run[key] for run in results[stage] if key in run] for stage in stages]
+            points = [(position, *mean_std(v)) for position, v in enumerate(values) if v]
             if points:
                 x, mean, std = zip(*points, strict=True)
                 axes.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=f"{steps} steps")

@@ -53,8 +53,7 @@ def save_comparison_grid(
     arrays = {label: _to_numpy(images, label, len(prompts)) for label, images in rows.items()}
     num_rows, num_cols = len(arrays), len(prompts)
     # Row labels are drawn at 9 pt, about 0.075 inches a character.
-    longest = max(len(line) for label in arrays for line in label.splitlines() or [""])
-    label_inches = max(1.2, 0.075 * longest + 0.2)
+    label_inches = max(1.2, 0.075 * max(len(label) for label in arrays) + 0.2)
     header_inches, margin_inches = 1.0 + (0.3 if title else 0.0), 0.1
     figure = Figure(
         figsize=(

@@ -582,16 +582,8 @@ def _timestep_tensor(
     model: BaseModel, timesteps: int | torch.Tensor, batch_size: int
 ) -> torch.Tensor:
     limit = int(model.scheduler.config.num_train_timesteps)
-    if isinstance(timesteps, int):
-        # Checked on the host and filled on the device: reading a device tensor's values
-        # back would wait for the GPU on every UNet call.
-        if not 0 <= timesteps < limit:
-            raise ValueError(
-                f"timesteps must be scheduler timesteps in [0, {limit}), got {timesteps}"
-            )
-        return torch.full((), timesteps, dtype=torch.long, device=model.device)
-    # A host tensor is checked before it moves, for the same reason; a device tensor's
-    # check reads it back.
+    # Integers and host tensors are checked on the host before they move: reading a
+    # device tensor's values back (which its check does) waits for the GPU.
     steps = torch.as_tensor(timesteps)
     if steps.is_floating_point() and not torch.equal(steps, steps.round()):
         raise ValueError("timesteps must be whole scheduler timesteps, got fractional values")
