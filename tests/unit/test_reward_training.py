@@ -543,12 +543,18 @@ def test_cli_reports_a_missing_image_without_a_traceback(small_set, tmp_path: Pa
             str(root),
             "--out",
             str(tmp_path / "out"),
+            "--preset",
+            "ci",
+            "--set",
+            f"bootstrap.cache_dir={tmp_path / 'toy'}",
         ],
     )
 
     assert result.exit_code == 2
     assert "img/gone.png" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+    # The check comes before the toy backbone's bootstrap, which would train for minutes.
+    assert not (tmp_path / "toy").exists()
 
 
 @pytest.mark.parametrize("clip_steps", [30, 0])

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from unifl.config import Params, RewardConfig
+from unifl.config import DIMENSIONS, Params, RewardConfig
 from unifl.data.preferences import OVERALL, PAIR_COLUMNS, check_table, read_pairs
 from unifl.feedback.images import ImageStore
 from unifl.models.reward import DecoupledRewardModel
@@ -142,6 +142,30 @@ def prepare_pairs(
             f"reward model ({list(dimensions)}) needs pairs ('{OVERALL}' rows are not used)"
         )
     return frame, num_overall
+
+
+def checked_pairs(
+    pairs: pd.DataFrame | str | Path,
+    images_root: str | Path,
+    dimensions: Sequence[str],
+    config: RewardConfig,
+) -> tuple[pd.DataFrame, int, str]:
+    """The pair table (a DataFrame or a Parquet path) as `prepare_pairs` leaves it, its count
+    of overall rows and its name for errors, after every check that needs no model: columns,
+    a head for every pair's dimension and `reward.alpha_override`'s, and the image files."""
+    if isinstance(pairs, pd.DataFrame):
+        source, table = "preference pairs", pairs
+    else:
+        source, table = str(pairs), read_pairs(pairs)
+    frame, num_overall = prepare_pairs(table, dimensions, source)
+    unknown = sorted(set(config.alpha_override) - set(dimensions))
+    if unknown:
+        raise RewardTrainingError(
+            f"reward.alpha_override names {unknown}, which the reward model has no head for "
+            f"({list(dimensions)})"
+        )
+    check_images(frame, ImageStore(images_root), source)
+    return frame, num_overall, source
 
 
 def check_images(frame: pd.DataFrame, store: ImageStore, source: str) -> None:
@@ -330,19 +354,8 @@ def train_reward_model(
     every step and `val/...` after every epoch.
     """
     config = config or RewardConfig()
-    if isinstance(pairs, pd.DataFrame):
-        source, table = "preference pairs", pairs
-    else:
-        source, table = str(pairs), read_pairs(pairs)
-    frame, num_overall = prepare_pairs(table, model.dimensions, source)
-    unknown = sorted(set(config.alpha_override) - set(model.dimensions))
-    if unknown:
-        raise RewardTrainingError(
-            f"reward.alpha_override names {unknown}, which the reward model has no head for "
-            f"({list(model.dimensions)})"
-        )
+    frame, num_overall, source = checked_pairs(pairs, images_root, model.dimensions, config)
     store = ImageStore(images_root, max_cached=config.image_cache_size)
-    check_images(frame, store, source)
     train, val = split_by_prompt(frame, config.val_fraction, seed)
     _check_split(train, val, model.dimensions)
 
@@ -486,6 +499,8 @@ def train_reward_stage(
     from unifl.models.reward import build_reward_model
 
     config = params.reward
+    # Bad pairs fail before the backbone is built: the toy one may train a bootstrap first.
+    checked_pairs(pairs, images_root, DIMENSIONS, config)
     backbone = config.backbone
     if backbone == "toy" and params.bootstrap.clip_steps:
         from unifl.toy.bootstrap import bootstrap_toy_world
