@@ -176,6 +176,34 @@ def test_unet_weight_average_by_hand():
     assert denoiser_ema(model, None) is None
 
 
+def test_text_encoder_learning_rate_reaches_the_text_encoder_only():
+    """A first AdamW step moves each weight by lr * (m / sqrt(v) + weight decay): a tenth of
+    the rate moves the text encoder a tenth as far and leaves the UNet's step as it was."""
+    from unifl.models.toy_presets import build_toy_model
+    from unifl.toy.bootstrap import denoiser_parameters, train_denoiser
+    from unifl.toy.dataset import generate_toy_batch
+
+    batch = generate_toy_batch(8, seed=4, resolution=32)
+    start = denoiser_parameters(build_toy_model("toy-sd15", seed=2))
+    initial = {name: parameter.detach().clone() for name, parameter in start.items()}
+    updates = {}
+    for text_rate in (None, 1e-4):
+        model = build_toy_model("toy-sd15", seed=2)
+        train_denoiser(model, batch.image_tensor(), batch.captions, 1, 4, 1e-3, 0.0, 9,
+                       text_encoder_learning_rate=text_rate, progress=False)  # fmt: skip
+        trained = denoiser_parameters(model)
+        updates[text_rate] = {n: trained[n].detach() - initial[n] for n in initial}
+    for name, update in updates[None].items():
+        slower = updates[1e-4][name]
+        if name.startswith("unet."):
+            assert torch.equal(slower, update), name
+        else:
+            assert name.startswith("text_encoder_0."), name
+            torch.testing.assert_close(slower, 0.1 * update, rtol=1e-3, atol=1e-9)
+    moved = max(u.abs().max().item() for n, u in updates[None].items() if n.startswith("text_"))
+    assert moved > 5e-4
+
+
 def test_bootstrap_saves_the_weight_average_beside_its_last_weights_baseline(
     ci_bootstrap, tmp_path
 ):

@@ -273,8 +273,12 @@ def train_denoiser(
     rank: int = 0,
     world_size: int = 1,
     ema: ExponentialMovingAverage | None = None,
+    text_encoder_learning_rate: float | None = None,
 ) -> dict[str, float]:
     """Train the UNet and text encoder(s) with the noise-prediction objective.
+
+    The text encoder(s) train at `text_encoder_learning_rate` (None:
+    `learning_rate`), on the same schedule.
 
     `ema` (over `denoiser_parameters(model)`) is updated after every step; the
     model keeps its last weights.
@@ -305,7 +309,15 @@ def train_denoiser(
     parameters = list(named.values())
     for module in trainable:
         module.train().requires_grad_(True)
-    optimizer = adamw(parameters, lr=learning_rate, weight_decay=1e-4)
+    text_rate = learning_rate if text_encoder_learning_rate is None else text_encoder_learning_rate
+    groups = [
+        {"params": [p for name, p in named.items() if name.startswith("unet.")]},
+        {
+            "params": [p for name, p in named.items() if not name.startswith("unet.")],
+            "lr": text_rate,
+        },
+    ]
+    optimizer = adamw(groups, lr=learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps, min(200, steps)))
     alphas = model.scheduler.alphas_cumprod
     num_train_timesteps = int(model.scheduler.config.num_train_timesteps)
@@ -417,6 +429,7 @@ def train_base_model(
         "steps": boot.unet_steps,
         "batch_size": boot.unet_batch_size,
         "learning_rate": boot.unet_learning_rate,
+        "text_encoder_learning_rate": boot.text_encoder_learning_rate,
         "caption_dropout": boot.caption_dropout,
         "min_snr_gamma": boot.min_snr_gamma,
         "timestep_sampling": boot.timestep_sampling,
