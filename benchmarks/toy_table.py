@@ -13,6 +13,10 @@ claims, against the spread over seeds, and says for each whether it holds.
     python benchmarks/toy_table.py                      # params.yaml, seeds 0 1 2
     python benchmarks/toy_table.py --preset ci --seeds 0 1   # a quick smoke run
     python benchmarks/toy_table.py --jobs 2             # two seeds at a time (one per core)
+    python benchmarks/toy_table.py --data-only          # the data and reward model only
+
+Before the stages it prints the labelled pairs per dimension (ties among them)
+and the reward model's held-out accuracy per dimension.
 
 Outputs go to `--out` (default runs/toy_table): the tables as Markdown and
 JSON, `toy_table.png` (every metric by stage, a line per step count, mean ±
@@ -113,6 +117,22 @@ def build_data(params: Params, boot, out: Path) -> dict[str, Path]:
         )
     paths["reward"] = paths["reward"] / "model"
     return paths
+
+
+def data_lines(out: Path) -> list[str]:
+    """The labelled pairs per dimension (ties among them) and the reward model's held-out
+    accuracy per dimension, as `build_data` left them in `out`."""
+    from unifl.data.preferences import read_pairs
+
+    pairs = read_pairs(out / "data" / "labels" / "pairs.parquet")
+    reward = json.loads((out / "data" / "reward" / "metrics.json").read_text())
+    counts = pairs.groupby("dimension")["tie"].agg(["size", "sum"])
+    return [
+        "labelled pairs per dimension (ties): "
+        + ", ".join(f"{d} {counts.at[d, 'size']} ({counts.at[d, 'sum']})" for d in DIMENSIONS),
+        "reward model, held-out accuracy: "
+        + ", ".join(f"{d} {reward[f'val/accuracy/{d}']:.2f}" for d in DIMENSIONS),
+    ]
 
 
 def train_stages(params: Params, boot, data: dict[str, Path], out: Path) -> dict[str, Path]:
@@ -349,6 +369,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--jobs", type=int, default=1, help="seeds trained side by side, one process each"
     )
+    parser.add_argument(
+        "--data-only",
+        action="store_true",
+        help="stop after the prompts, pairs, labels and reward model, and print their figures",
+    )
     args = parser.parse_args(argv)
 
     from unifl.models.precision import apply_num_threads
@@ -359,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     boot = bootstrap_toy_world(params)
     data = build_data(params, boot, args.out)
+    data_report = data_lines(args.out)
+    print("\n".join(data_report), flush=True)
+    if args.data_only:
+        return 0
     results: dict[str, list[dict[str, float]]] = {model: [] for model in MODELS}
     jobs = [(params, boot, data, args.out, seed, seed == args.seeds[0]) for seed in args.seeds]
     per_seed = run_jobs(run_seed, jobs, args.jobs)
@@ -370,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     report = [
         f"toy table: {len(args.seeds)} seeds ({' '.join(map(str, args.seeds))}), "
         f"bootstrap {boot.directory}, {time.perf_counter() - started:.0f} s",
+        "",
+        *data_report,
         "",
         *(table_markdown(results, steps) + "\n" for steps in STEP_COUNTS),
         *direction_checks(results),

@@ -144,15 +144,23 @@ def prepare_pairs(
     return frame, num_overall
 
 
+@dataclass(frozen=True)
+class CheckedPairs:
+    """A pair table that passed `checked_pairs`: the frame `prepare_pairs` leaves and its
+    count of overall rows, which no head trains on."""
+
+    frame: pd.DataFrame
+    num_overall: int
+
+
 def checked_pairs(
     pairs: pd.DataFrame | str | Path,
     images_root: str | Path,
     dimensions: Sequence[str],
     config: RewardConfig,
-) -> tuple[pd.DataFrame, int, str]:
-    """The pair table (a DataFrame or a Parquet path) as `prepare_pairs` leaves it, its count
-    of overall rows and its name for errors, after every check that needs no model: columns,
-    a head for every pair's dimension and `reward.alpha_override`'s, and the image files."""
+) -> CheckedPairs:
+    """The pair table (a DataFrame or a Parquet path) after every check that needs no model:
+    columns, a head for every pair's dimension and `reward.alpha_override`'s, image files."""
     if isinstance(pairs, pd.DataFrame):
         source, table = "preference pairs", pairs
     else:
@@ -165,7 +173,7 @@ def checked_pairs(
             f"({list(dimensions)})"
         )
     check_images(frame, ImageStore(images_root), source)
-    return frame, num_overall, source
+    return CheckedPairs(frame, num_overall)
 
 
 def check_images(frame: pd.DataFrame, store: ImageStore, source: str) -> None:
@@ -334,7 +342,7 @@ def _optimizer(model: DecoupledRewardModel, config: RewardConfig) -> torch.optim
 
 
 def train_reward_model(
-    pairs: pd.DataFrame | str | Path,
+    pairs: pd.DataFrame | str | Path | CheckedPairs,
     images_root: str | Path,
     model: DecoupledRewardModel,
     config: RewardConfig | None = None,
@@ -345,8 +353,8 @@ def train_reward_model(
 ) -> RewardTrainingResult:
     """Train `model`'s heads (and backbone, unless its learning rate is 0) on preference pairs.
 
-    `pairs` is the majority pair table (a DataFrame or a Parquet path) with
-    image paths relative to `images_root`. After training, `alpha_d` is
+    `pairs` is the majority pair table (a DataFrame or a Parquet path, checked
+    here, or `checked_pairs`' result) with image paths relative to `images_root`. After training, `alpha_d` is
     calibrated on the validation split and `config.alpha_override` applied.
     With `out_dir`, writes `model/`, `metrics.json`, `history.jsonl` and
     `split.json` (the validation prompts) as one directory, all or nothing.
@@ -354,7 +362,9 @@ def train_reward_model(
     every step and `val/...` after every epoch.
     """
     config = config or RewardConfig()
-    frame, num_overall, source = checked_pairs(pairs, images_root, model.dimensions, config)
+    if not isinstance(pairs, CheckedPairs):
+        pairs = checked_pairs(pairs, images_root, model.dimensions, config)
+    frame, num_overall = pairs.frame, pairs.num_overall
     store = ImageStore(images_root, max_cached=config.image_cache_size)
     train, val = split_by_prompt(frame, config.val_fraction, seed)
     _check_split(train, val, model.dimensions)
@@ -500,7 +510,7 @@ def train_reward_stage(
 
     config = params.reward
     # Bad pairs fail before the backbone is built: the toy one may train a bootstrap first.
-    checked_pairs(pairs, images_root, DIMENSIONS, config)
+    pairs = checked_pairs(pairs, images_root, DIMENSIONS, config)
     backbone = config.backbone
     if backbone == "toy" and params.bootstrap.clip_steps:
         from unifl.toy.bootstrap import bootstrap_toy_world
@@ -510,6 +520,7 @@ def train_reward_stage(
         backbone,
         image_size=params.toy.resolution,
         seed=params.project.seed,
+        dimensions=DIMENSIONS,
         head_hidden_dim=config.head_hidden_dim,
     ).to(resolve_device(params.project.device))
     return train_reward_model(

@@ -311,12 +311,10 @@ def train_denoiser(
         module.train().requires_grad_(True)
     text_rate = learning_rate if text_encoder_learning_rate is None else text_encoder_learning_rate
     groups = [
-        {"params": [p for name, p in named.items() if name.startswith("unet.")]},
-        {
-            "params": [p for name, p in named.items() if not name.startswith("unet.")],
-            "lr": text_rate,
-        },
-    ]
+        {"params": list(model.unet.parameters())},
+        {"params": [p for encoder in model.text_encoders() for p in encoder.parameters()],
+         "lr": text_rate},
+    ]  # fmt: skip
     optimizer = adamw(groups, lr=learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps, min(200, steps)))
     alphas = model.scheduler.alphas_cumprod
