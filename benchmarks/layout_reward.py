@@ -1,0 +1,401 @@
+"""Why the layout reward model stays at chance: what the toy CLIP tells apart, and a head on patches.
+
+    python benchmarks/layout_reward.py [--negative-steps 2000] [--data runs/toy_table/data]
+
+Caption tests. For the bootstrap's pretrained toy CLIP (`bootstrap.clip_steps`),
+and with `--negative-steps N` for a toy CLIP trained N steps on the same images
+with a changed caption of every image added to each batch as a hard negative
+(the same seed, batch size and learning rate), it prints on training and on
+held-out images the image-to-caption retrieval top-1 and, for each way of
+changing a caption, the share of images whose own caption scores higher than
+the changed one (0.5: the CLIP cannot tell them apart):
+
+* `color`: one object's colour replaced by another;
+* `shape`: one object's shape replaced by another;
+* `relation`: one relation flipped (above and below, left of and right of);
+* `swap`: the subject and another object swapped, which also reverses their relation.
+
+Layout asks for the last two. Head test, with `--data DIR` (a toy table's data
+directory): two layout heads on the bootstrap's CLIP, frozen, trained on DIR's
+layout labels with the reward stage's Bradley-Terry loss (ties soft), epochs,
+batch size and learning rate, over `--seeds`, on DIR's own validation prompts
+(`reward/split.json`): the reward model's head on the pooled embeddings
+`[i, t, i*t]`, and a cross-attention head in which the caption's tokens attend
+over the image's patch tokens (with learned patch positions), so that it can
+see where the objects are. For each: held-out accuracy against the labels,
+and on the pairs with an oracle gap how often it prefers the image the oracle
+scores higher, on training and on validation prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from toy_table import toy_arguments
+
+CHANGES = ("color", "shape", "relation", "swap")
+FLIPPED = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+
+
+def changed_caption(caption: str, change: str, rng: random.Random) -> str | None:
+    """`caption` with one `change` (see the module docstring); None where it has none to make."""
+    from unifl.toy.vocabulary import COLORS, SHAPES
+    from unifl.toy.world import ParsedCaption, format_caption, parse_caption
+
+    parsed = parse_caption(caption)
+    objects, relations = list(parsed.objects), list(parsed.relations)
+    if change in ("color", "shape"):
+        number = rng.randrange(len(objects))
+        size, color, shape = objects[number]
+        if change == "color":
+            color = rng.choice([other for other in COLORS if other != color])
+        else:
+            shape = rng.choice([other for other in SHAPES if other != shape])
+        objects[number] = (size, color, shape)
+    elif change == "relation":
+        flippable = [n for n, (_, word, _) in enumerate(relations) if word in FLIPPED]
+        if not flippable:
+            return None
+        number = rng.choice(flippable)
+        subject, word, other = relations[number]
+        relations[number] = (subject, FLIPPED[word], other)
+    elif change == "swap":
+        if len(objects) < 2:
+            return None
+        other = rng.randrange(1, len(objects))
+        objects[0], objects[other] = objects[other], objects[0]
+    else:
+        raise ValueError(f"unknown change {change!r}; choose from {CHANGES}")
+    changed = format_caption(ParsedCaption(tuple(objects), tuple(relations), parsed.background))
+    return None if changed == caption else changed
+
+
+def caption_tests(model, images: torch.Tensor, captions: list[str], seed: int) -> dict[str, dict]:
+    """Retrieval top-1 and, per change, {share own > changed, images} for a reward-model wrapper."""
+    from unifl.toy.clip import retrieval_accuracy
+
+    def text(batch: list[str]) -> torch.Tensor:
+        tokens = model.tokenize(batch)
+        return F.normalize(model.encode_text(tokens["input_ids"], tokens["attention_mask"]), dim=-1)
+
+    rng = random.Random(seed)
+    with torch.no_grad():
+        image_embeds = F.normalize(model.encode_images(images), dim=-1)
+        own = text(captions)
+        retrieval, chance = retrieval_accuracy(image_embeds, own, captions)
+        result = {"retrieval": {"share": retrieval, "chance": chance, "images": len(captions)}}
+        for change in CHANGES:
+            pairs = [
+                (number, changed)
+                for number, caption in enumerate(captions)
+                if (changed := changed_caption(caption, change, rng)) is not None
+            ]
+            rows = torch.tensor([number for number, _ in pairs])
+            other = text([changed for _, changed in pairs])
+            wins = (image_embeds[rows] * own[rows]).sum(-1) > (image_embeds[rows] * other).sum(-1)
+            result[change] = {"share": wins.float().mean().item(), "images": len(pairs)}
+    return result
+
+
+def train_clip_with_negatives(params, images: torch.Tensor, captions: list[str], steps: int):
+    """The bootstrap's toy CLIP recipe with one changed caption per image as a hard negative."""
+    from unifl.models.minibatch import train_on_minibatches
+    from unifl.models.reward import build_toy_reward_model
+    from unifl.toy.clip import MAX_LOGIT_SCALE, caption_targets
+
+    boot, seed = params.bootstrap, params.project.seed
+    model = build_toy_reward_model(image_size=images.shape[-1], seed=seed, head_hidden_dim=1)
+    clip = model.backbone
+    rng = random.Random(seed)
+
+    def loss_of(index: torch.Tensor) -> torch.Tensor:
+        batch = [captions[i] for i in index.tolist()]
+        own = set(batch)
+        changed = [changed_caption(caption, rng.choice(CHANGES), rng) for caption in batch]
+        negatives = [caption for caption in changed if caption is not None and caption not in own]
+        tokens = model.tokenize(batch + negatives)
+        image_embeds = F.normalize(model.encode_images(images[index]), dim=-1)
+        text_embeds = F.normalize(
+            model.encode_text(tokens["input_ids"], tokens["attention_mask"]), dim=-1
+        )
+        logits = clip.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE) * image_embeds @ text_embeds.T
+        targets = caption_targets(batch)
+        to_text = torch.cat([targets, targets.new_zeros(len(batch), len(negatives))], dim=1)
+        to_images = logits[:, : len(batch)].T
+        return 0.5 * (F.cross_entropy(logits, to_text) + F.cross_entropy(to_images, targets))
+
+    clip.train()
+    metrics = train_on_minibatches(
+        clip.parameters(),
+        loss_of,
+        images.shape[0],
+        steps,
+        boot.clip_batch_size,
+        boot.clip_learning_rate,
+        weight_decay=0.01,
+        generator=torch.Generator().manual_seed(seed),
+        description="toy CLIP with hard negatives",
+    )
+    clip.eval()
+    return model.eval(), metrics
+
+
+class CrossAttentionHead(nn.Module):
+    """The caption's token states attend over the image's patch tokens; mean over the caption."""
+
+    def __init__(self, text_width: int, image_width: int, patches: int, width: int = 32) -> None:
+        super().__init__()
+        self.query = nn.Linear(text_width, width)
+        self.key_value = nn.Linear(image_width, width)
+        self.positions = nn.Parameter(torch.zeros(1, patches, width))
+        self.norm = nn.LayerNorm(width)
+        self.attention = nn.MultiheadAttention(width, 2, batch_first=True)
+        self.feed_forward = nn.Sequential(
+            nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)
+        )
+        self.out = nn.Sequential(
+            nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, 1)
+        )
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        patches = self.key_value(features["patches"]) + self.positions
+        states = self.query(features["tokens"])
+        mask = features["mask"].unsqueeze(-1).to(states.dtype)
+        attended = self.attention(self.norm(states), patches, patches, need_weights=False)[0]
+        states = states + attended
+        states = states + self.feed_forward(states)
+        pooled = (states * mask).sum(1) / mask.sum(1)
+        return self.out(pooled).squeeze(-1)
+
+
+class PooledHead(nn.Module):
+    """The reward model's own head on `[i, t, i*t]` of the pooled, projected embeddings."""
+
+    def __init__(self, projection_dim: int, hidden: int) -> None:
+        super().__init__()
+        from unifl.models.reward import RewardHead
+
+        self.head = RewardHead(3 * projection_dim, hidden)
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        from unifl.models.reward import fuse_features
+
+        return self.head(fuse_features(features["image"], features["text"])).squeeze(-1)
+
+
+def frozen_features(model, images: torch.Tensor, prompts: list[str]) -> tuple[dict, dict]:
+    """Per image: pooled embedding and patch tokens; per prompt: embedding, tokens and mask."""
+    clip = model.backbone
+    with torch.no_grad():
+        vision = clip.vision_model(pixel_values=model.preprocess(images))
+        tokens = model.tokenize(prompts)
+        text = clip.text_model(**tokens)
+        image_side = {
+            "image": clip.visual_projection(vision.pooler_output),
+            "patches": clip.vision_model.post_layernorm(vision.last_hidden_state),
+        }
+        text_side = {
+            "text": clip.text_projection(text.pooler_output),
+            "tokens": text.last_hidden_state,
+            "mask": tokens["attention_mask"].bool(),
+        }
+    return image_side, text_side
+
+
+def head_tests(params, data: Path, clip_dir: Path, seeds: list[int]) -> dict[str, list[dict]]:
+    """Layout heads on the frozen CLIP over seeds: {head: [{accuracy, oracle_val, oracle_train}]}."""
+    import numpy as np
+    import pandas as pd
+
+    from unifl.feedback.images import ImageStore
+    from unifl.feedback.reward_training import bradley_terry_loss
+    from unifl.labeling.annotators import load_scorer
+    from unifl.models.reward import load_pretrained_reward_backbone
+
+    config = params.reward
+    table = pd.read_parquet(data / "labels" / "pairs.parquet")
+    table = table[table["dimension"] == "layout"].reset_index(drop=True)
+    val_prompts = set(json.loads((data / "reward" / "split.json").read_text())["val_prompts"])
+    is_val = table["prompt"].isin(val_prompts).to_numpy()
+    tie = torch.tensor(table["tie"].to_numpy(bool))
+    weight = torch.tensor(table["weight"].to_numpy(float), dtype=torch.float32)
+
+    scorer = load_scorer(params.labeling.scorer, params)
+    prompts = list(table["prompt"])
+    preferred = scorer([data / "pairs" / path for path in table["image_w"]], prompts)["layout"]
+    other = scorer([data / "pairs" / path for path in table["image_l"]], prompts)["layout"]
+    oracle_gap = np.asarray(preferred) - np.asarray(other)
+
+    paths = sorted(set(table["image_w"]) | set(table["image_l"]))
+    image_row = {path: number for number, path in enumerate(paths)}
+    distinct = sorted(set(prompts))
+    prompt_row = {prompt: number for number, prompt in enumerate(distinct)}
+    store = ImageStore(data / "pairs")
+    model = load_pretrained_reward_backbone(str(clip_dir), head_hidden_dim=1)
+    image_side, text_side = frozen_features(model, store.batch(paths), distinct)
+    winner = torch.tensor([image_row[path] for path in table["image_w"]])
+    loser = torch.tensor([image_row[path] for path in table["image_l"]])
+    prompt = torch.tensor([prompt_row[text] for text in prompts])
+
+    def features(images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
+        picked = {key: value[images] for key, value in image_side.items()}
+        return {**picked, **{key: value[texts] for key, value in text_side.items()}}
+
+    heads = {
+        "pooled [i, t, i*t]": lambda: PooledHead(
+            image_side["image"].shape[-1], config.head_hidden_dim
+        ),
+        "cross-attention on patches": lambda: CrossAttentionHead(
+            text_side["tokens"].shape[-1],
+            image_side["patches"].shape[-1],
+            image_side["patches"].shape[1],
+        ),
+    }
+    train_rows = np.flatnonzero(~is_val)
+    decided = ~tie.numpy()
+    results: dict[str, list[dict]] = {}
+    for name, build in heads.items():
+        results[name] = []
+        for seed in seeds:
+            torch.manual_seed(seed)
+            head = build()
+            optimizer = torch.optim.AdamW(
+                head.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+            )
+            order = np.random.default_rng(seed)
+            for _ in range(config.epochs):
+                shuffled = order.permutation(train_rows)
+                for start in range(0, len(shuffled), config.batch_size):
+                    rows = torch.from_numpy(shuffled[start : start + config.batch_size])
+                    loss = bradley_terry_loss(
+                        head(features(winner[rows], prompt[rows])),
+                        head(features(loser[rows], prompt[rows])),
+                        tie[rows],
+                        weight[rows],
+                        tie_rule=config.tie_rule,
+                    )
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+            with torch.no_grad():
+                margin = (head(features(winner, prompt)) - head(features(loser, prompt))).numpy()
+            agrees = np.sign(margin) == np.sign(oracle_gap)
+            gap = decided & (oracle_gap != 0)
+            results[name].append(
+                {
+                    "accuracy": float((margin > 0)[is_val & decided].mean()),
+                    "oracle_val": float(agrees[gap & is_val].mean()),
+                    "oracle_train": float(agrees[gap & ~is_val].mean()),
+                    "val_pairs": int((gap & is_val).sum()),
+                    "train_pairs": int((gap & ~is_val).sum()),
+                }
+            )
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    toy_arguments(parser, seeds=[0, 1, 2])
+    parser.add_argument(
+        "--negative-steps", type=int, default=0, help="also train a CLIP with hard negatives"
+    )
+    parser.add_argument("--data", type=Path, default=None, help="a toy table's data directory")
+    parser.add_argument("--train-images", type=int, default=600)
+    parser.add_argument("--out", type=Path, default=Path("runs/layout_reward"))
+    args = parser.parse_args(argv)
+
+    from unifl.config import load_params
+    from unifl.models.precision import apply_num_threads
+    from unifl.models.reward import load_pretrained_reward_backbone
+    from unifl.toy.bootstrap import bootstrap_toy_world
+    from unifl.toy.dataset import generate_toy_batch
+
+    params = load_params(args.params, preset=args.preset, overrides=args.overrides)
+    apply_num_threads(params.project)
+    started = time.perf_counter()
+    clip_dir = bootstrap_toy_world(params).clip_dir
+    if clip_dir is None:
+        parser.error("bootstrap.clip_steps is 0: there is no pretrained toy CLIP to test")
+    toy = params.toy
+    shape = dict(
+        resolution=toy.resolution, min_objects=toy.min_objects, max_objects=toy.max_objects
+    )
+    train = generate_toy_batch(toy.num_train, toy.seed, **shape)
+    held_out = generate_toy_batch(toy.num_eval, toy.seed + 1, **shape)
+    sets = {
+        f"training images (first {args.train_images})": (
+            train.image_tensor()[: args.train_images],
+            list(train.captions)[: args.train_images],
+        ),
+        "held-out images": (held_out.image_tensor(), list(held_out.captions)),
+    }
+    clips = {f"bootstrap CLIP ({params.bootstrap.clip_steps} steps)": load_pretrained_reward_backbone(
+        str(clip_dir), head_hidden_dim=1
+    )}  # fmt: skip
+    if args.negative_steps:
+        clips[f"with hard negatives ({args.negative_steps} steps)"] = train_clip_with_negatives(
+            params, train.image_tensor(), list(train.captions), args.negative_steps
+        )[0]
+    record: dict = {"captions": {}}
+    lines = ["| CLIP | images | retrieval top-1 | " + " | ".join(CHANGES) + " |"]
+    lines.append("|---" * (3 + len(CHANGES)) + "|")
+    for clip_name, model in clips.items():
+        for set_name, (images, captions) in sets.items():
+            tests = caption_tests(model, images, captions, params.project.seed)
+            record["captions"][f"{clip_name}, {set_name}"] = tests
+            cells = " | ".join(
+                f"{tests[change]['share']:.3f} ({tests[change]['images']})" for change in CHANGES
+            )
+            retrieval = tests["retrieval"]
+            lines.append(
+                f"| {clip_name} | {set_name} | {retrieval['share']:.3f} "
+                f"(chance {retrieval['chance']:.3f}) | {cells} |"
+            )
+    lines.append("")
+    lines.append("share of images whose own caption scores higher than the changed one (images)")
+    if args.data is not None:
+        heads = head_tests(params, args.data, clip_dir, args.seeds)
+        record["heads"] = heads
+
+        def cell(runs: list[dict], key: str) -> str:
+            values = [run[key] for run in runs]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            return f"{statistics.fmean(values):.3f} ± {spread:.3f}"
+
+        first = next(iter(heads.values()))[0]
+        lines += [
+            "",
+            f"layout heads on the frozen bootstrap CLIP, {args.data}, seeds "
+            + " ".join(map(str, args.seeds)),
+            "",
+            "| head | held-out accuracy | agrees with the oracle, validation "
+            f"({first['val_pairs']} pairs) | training ({first['train_pairs']} pairs) |",
+            "|---|---|---|---|",
+        ]
+        for name, runs in heads.items():
+            lines.append(
+                f"| {name} | {cell(runs, 'accuracy')} | {cell(runs, 'oracle_val')} "
+                f"| {cell(runs, 'oracle_train')} |"
+            )
+    lines.append("")
+    lines.append(f"{time.perf_counter() - started:.0f} s")
+    text = "\n".join(lines)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "layout_reward.md").write_text(text + "\n")
+    (args.out / "layout_reward.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
