@@ -1,18 +1,22 @@
 """Why the layout reward model stays at chance: what the toy CLIP tells apart, and a head on patches.
 
-    python benchmarks/layout_reward.py [--negative-steps 2000] [--data runs/toy_table/data]
+    python benchmarks/layout_reward.py [--negative-steps 2000] [--mirror-steps 3000] [--data DIR]
 
 Caption tests. For the bootstrap's pretrained toy CLIP (`bootstrap.clip_steps`),
 and with `--negative-steps N` for a toy CLIP trained N steps on the same images
 with a changed caption of every image added to each batch as a hard negative
-(the same seed, batch size and learning rate), it prints on training and on
+(the same seed, batch size and learning rate), and with `--mirror-steps N`
+for one trained N steps on batches whose second half is the first half
+mirrored left to right with "left of" and "right of" exchanged in the
+captions (the same scenes with the one relation reversed), it prints on training and on
 held-out images the image-to-caption retrieval top-1 and, for each way of
 changing a caption, the share of images whose own caption scores higher than
 the changed one (0.5: the CLIP cannot tell them apart):
 
 * `color`: one object's colour replaced by another;
 * `shape`: one object's shape replaced by another;
-* `relation`: one relation flipped (above and below, left of and right of);
+* `left/right`: one "left of" made "right of" or the other way round;
+* `above/below`: one "above" made "below" or the other way round;
 * `swap`: the subject and another object swapped, which also reverses their relation.
 
 Layout asks for the last two. Head test, with `--data DIR` (a toy table's data
@@ -43,8 +47,21 @@ from torch import nn
 
 from toy_table import toy_arguments
 
-CHANGES = ("color", "shape", "relation", "swap")
-FLIPPED = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+CHANGES = ("color", "shape", "left/right", "above/below", "swap")
+FLIPS = {
+    "left/right": {"left of": "right of", "right of": "left of"},
+    "above/below": {"above": "below", "below": "above"},
+}
+
+
+def mirrored_caption(caption: str) -> str:
+    """The caption of the scene mirrored left to right: "left of" and "right of" exchanged."""
+    from unifl.toy.world import ParsedCaption, format_caption, parse_caption
+
+    parsed = parse_caption(caption)
+    flip = FLIPS["left/right"]
+    relations = tuple((i, flip.get(word, word), j) for i, word, j in parsed.relations)
+    return format_caption(ParsedCaption(parsed.objects, relations, parsed.background))
 
 
 def changed_caption(caption: str, change: str, rng: random.Random) -> str | None:
@@ -62,13 +79,14 @@ def changed_caption(caption: str, change: str, rng: random.Random) -> str | None
         else:
             shape = rng.choice([other for other in SHAPES if other != shape])
         objects[number] = (size, color, shape)
-    elif change == "relation":
-        flippable = [n for n, (_, word, _) in enumerate(relations) if word in FLIPPED]
+    elif change in FLIPS:
+        flip = FLIPS[change]
+        flippable = [n for n, (_, word, _) in enumerate(relations) if word in flip]
         if not flippable:
             return None
         number = rng.choice(flippable)
         subject, word, other = relations[number]
-        relations[number] = (subject, FLIPPED[word], other)
+        relations[number] = (subject, flip[word], other)
     elif change == "swap":
         if len(objects) < 2:
             return None
@@ -107,47 +125,73 @@ def caption_tests(model, images: torch.Tensor, captions: list[str], seed: int) -
     return result
 
 
-def train_clip_with_negatives(params, images: torch.Tensor, captions: list[str], steps: int):
-    """The bootstrap's toy CLIP recipe with one changed caption per image as a hard negative."""
+def train_clip(params, steps: int, batch_of):
+    """The bootstrap's toy CLIP recipe on the batches `batch_of(index)` gives.
+
+    `batch_of(index)` returns (images, captions, negative captions): the
+    negatives are extra captions that match none of the images.
+    """
     from unifl.models.minibatch import train_on_minibatches
     from unifl.models.reward import build_toy_reward_model
     from unifl.toy.clip import MAX_LOGIT_SCALE, caption_targets
 
     boot, seed = params.bootstrap, params.project.seed
-    model = build_toy_reward_model(image_size=images.shape[-1], seed=seed, head_hidden_dim=1)
+    model = build_toy_reward_model(image_size=params.toy.resolution, seed=seed, head_hidden_dim=1)
     clip = model.backbone
-    rng = random.Random(seed)
 
     def loss_of(index: torch.Tensor) -> torch.Tensor:
-        batch = [captions[i] for i in index.tolist()]
-        own = set(batch)
-        changed = [changed_caption(caption, rng.choice(CHANGES), rng) for caption in batch]
-        negatives = [caption for caption in changed if caption is not None and caption not in own]
-        tokens = model.tokenize(batch + negatives)
-        image_embeds = F.normalize(model.encode_images(images[index]), dim=-1)
+        images, captions, negatives = batch_of(index)
+        tokens = model.tokenize(captions + negatives)
+        image_embeds = F.normalize(model.encode_images(images), dim=-1)
         text_embeds = F.normalize(
             model.encode_text(tokens["input_ids"], tokens["attention_mask"]), dim=-1
         )
         logits = clip.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE) * image_embeds @ text_embeds.T
-        targets = caption_targets(batch)
-        to_text = torch.cat([targets, targets.new_zeros(len(batch), len(negatives))], dim=1)
-        to_images = logits[:, : len(batch)].T
+        targets = caption_targets(captions)
+        to_text = torch.cat([targets, targets.new_zeros(len(captions), len(negatives))], dim=1)
+        to_images = logits[:, : len(captions)].T
         return 0.5 * (F.cross_entropy(logits, to_text) + F.cross_entropy(to_images, targets))
 
     clip.train()
-    metrics = train_on_minibatches(
+    train_on_minibatches(
         clip.parameters(),
         loss_of,
-        images.shape[0],
+        params.toy.num_train,
         steps,
         boot.clip_batch_size,
         boot.clip_learning_rate,
         weight_decay=0.01,
         generator=torch.Generator().manual_seed(seed),
-        description="toy CLIP with hard negatives",
+        description="toy CLIP",
     )
     clip.eval()
-    return model.eval(), metrics
+    return model.eval()
+
+
+def with_negatives(images: torch.Tensor, captions: list[str], seed: int):
+    """Batches with one changed caption per image as a hard negative."""
+    rng = random.Random(seed)
+
+    def batch_of(index: torch.Tensor):
+        batch = [captions[i] for i in index.tolist()]
+        own = set(batch)
+        changed = [changed_caption(caption, rng.choice(CHANGES), rng) for caption in batch]
+        negatives = [caption for caption in changed if caption is not None and caption not in own]
+        return images[index], batch, negatives
+
+    return batch_of
+
+
+def with_mirrors(images: torch.Tensor, captions: list[str]):
+    """Batches of half the images and the same images mirrored left to right."""
+    mirrored = [mirrored_caption(caption) for caption in captions]
+
+    def batch_of(index: torch.Tensor):
+        half = index[: max(1, len(index) // 2)].tolist()
+        pictures = torch.cat([images[half], images[half].flip(-1)])
+        return pictures, [captions[i] for i in half] + [mirrored[i] for i in half], []
+
+    return batch_of
 
 
 class CrossAttentionHead(nn.Module):
@@ -309,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--negative-steps", type=int, default=0, help="also train a CLIP with hard negatives"
     )
+    parser.add_argument(
+        "--mirror-steps", type=int, default=0, help="also train a CLIP with mirrored scenes"
+    )
     parser.add_argument("--data", type=Path, default=None, help="a toy table's data directory")
     parser.add_argument("--train-images", type=int, default=600)
     parser.add_argument("--out", type=Path, default=Path("runs/layout_reward"))
@@ -342,10 +389,15 @@ def main(argv: list[str] | None = None) -> int:
     clips = {f"bootstrap CLIP ({params.bootstrap.clip_steps} steps)": load_pretrained_reward_backbone(
         str(clip_dir), head_hidden_dim=1
     )}  # fmt: skip
+    images, captions = train.image_tensor(), list(train.captions)
     if args.negative_steps:
-        clips[f"with hard negatives ({args.negative_steps} steps)"] = train_clip_with_negatives(
-            params, train.image_tensor(), list(train.captions), args.negative_steps
-        )[0]
+        clips[f"with hard negatives ({args.negative_steps} steps)"] = train_clip(
+            params, args.negative_steps, with_negatives(images, captions, params.project.seed)
+        )
+    if args.mirror_steps:
+        clips[f"with mirrored scenes ({args.mirror_steps} steps)"] = train_clip(
+            params, args.mirror_steps, with_mirrors(images, captions)
+        )
     record: dict = {"captions": {}}
     lines = ["| CLIP | images | retrieval top-1 | " + " | ".join(CHANGES) + " |"]
     lines.append("|---" * (3 + len(CHANGES)) + "|")
