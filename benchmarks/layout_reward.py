@@ -19,7 +19,7 @@ the changed one (0.5: the CLIP cannot tell them apart):
 * `above/below`: one "above" made "below" or the other way round;
 * `swap`: the subject and another object swapped, which also reverses their relation.
 
-Layout asks for the last two. Head test, with `--data DIR` (a toy table's data
+Layout asks for the last three. Head test, with `--data DIR` (a toy table's data
 directory): two layout heads on the bootstrap's CLIP, frozen, trained on DIR's
 layout labels with the reward stage's Bradley-Terry loss (ties soft), epochs,
 batch size and learning rate, over `--seeds`, on DIR's own validation prompts
@@ -386,9 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "held-out images": (held_out.image_tensor(), list(held_out.captions)),
     }
-    clips = {f"bootstrap CLIP ({params.bootstrap.clip_steps} steps)": load_pretrained_reward_backbone(
-        str(clip_dir), head_hidden_dim=1
-    )}  # fmt: skip
+    bootstrap_clip = load_pretrained_reward_backbone(str(clip_dir), head_hidden_dim=1)
+    clips = {f"bootstrap CLIP ({params.bootstrap.clip_steps} steps)": bootstrap_clip}
     images, captions = train.image_tensor(), list(train.captions)
     if args.negative_steps:
         clips[f"with hard negatives ({args.negative_steps} steps)"] = train_clip(
@@ -402,8 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["| CLIP | images | retrieval top-1 | " + " | ".join(CHANGES) + " |"]
     lines.append("|---" * (3 + len(CHANGES)) + "|")
     for clip_name, model in clips.items():
-        for set_name, (images, captions) in sets.items():
-            tests = caption_tests(model, images, captions, params.project.seed)
+        for set_name, (set_images, set_captions) in sets.items():
+            tests = caption_tests(model, set_images, set_captions, params.project.seed)
             record["captions"][f"{clip_name}, {set_name}"] = tests
             cells = " | ".join(
                 f"{tests[change]['share']:.3f} ({tests[change]['images']})" for change in CHANGES
