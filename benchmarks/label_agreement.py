@@ -25,6 +25,24 @@ import sys
 from pathlib import Path
 
 
+def oracle_gaps(params, pairs_dir: Path, table):
+    """Per row of a pair table: the labeling scorer's score of the preferred image minus the
+    other's, on the row's dimension (images under `pairs_dir`), as a numpy array."""
+    import numpy as np
+
+    from unifl.labeling.annotators import load_scorer
+
+    scorer = load_scorer(params.labeling.scorer, params)
+    prompts = list(table["prompt"])
+    preferred = scorer([pairs_dir / path for path in table["image_w"]], prompts)
+    other = scorer([pairs_dir / path for path in table["image_l"]], prompts)
+    gaps = np.empty(len(table))
+    for dimension in table["dimension"].unique():
+        rows = (table["dimension"] == dimension).to_numpy()
+        gaps[rows] = (np.asarray(preferred[dimension]) - np.asarray(other[dimension]))[rows]
+    return gaps
+
+
 def oracle_agreement(params, data: Path, reward_dir: Path) -> dict[str, dict[str, float]]:
     """Per dimension: decided pairs, the share with equal oracle scores, and how often the
     labels and the reward model in `reward_dir` (its `model/` and `split.json`) prefer the
@@ -36,7 +54,6 @@ def oracle_agreement(params, data: Path, reward_dir: Path) -> dict[str, dict[str
     from unifl.config import DIMENSIONS
     from unifl.feedback.images import ImageStore
     from unifl.feedback.reward_training import score_rows
-    from unifl.labeling.annotators import load_scorer
     from unifl.models.reward import DecoupledRewardModel
 
     pairs_dir = data / "pairs"
@@ -45,14 +62,7 @@ def oracle_agreement(params, data: Path, reward_dir: Path) -> dict[str, dict[str
     val_prompts = set(json.loads((reward_dir / "split.json").read_text())["val_prompts"])
     is_val = decided["prompt"].isin(val_prompts).to_numpy()
 
-    scorer = load_scorer(params.labeling.scorer, params)
-    prompts = list(decided["prompt"])
-    preferred = scorer([pairs_dir / p for p in decided["image_w"]], prompts)
-    other = scorer([pairs_dir / p for p in decided["image_l"]], prompts)
-    oracle_gap = np.empty(len(decided))
-    for dimension in DIMENSIONS:
-        rows = (decided["dimension"] == dimension).to_numpy()
-        oracle_gap[rows] = (preferred[dimension] - other[dimension])[rows]
+    oracle_gap = oracle_gaps(params, pairs_dir, decided)
 
     model = DecoupledRewardModel.load(reward_dir / "model")
     with torch.no_grad():

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from label_agreement import oracle_gaps
 from toy_table import toy_arguments
 
 CHANGES = ("color", "shape", "left/right", "above/below", "swap")
@@ -133,7 +134,7 @@ def train_clip(params, steps: int, batch_of):
     """
     from unifl.models.minibatch import train_on_minibatches
     from unifl.models.reward import build_toy_reward_model
-    from unifl.toy.clip import MAX_LOGIT_SCALE, caption_targets
+    from unifl.toy.clip import contrastive_loss
 
     boot, seed = params.bootstrap, params.project.seed
     model = build_toy_reward_model(image_size=params.toy.resolution, seed=seed, head_hidden_dim=1)
@@ -142,15 +143,14 @@ def train_clip(params, steps: int, batch_of):
     def loss_of(index: torch.Tensor) -> torch.Tensor:
         images, captions, negatives = batch_of(index)
         tokens = model.tokenize(captions + negatives)
-        image_embeds = F.normalize(model.encode_images(images), dim=-1)
-        text_embeds = F.normalize(
-            model.encode_text(tokens["input_ids"], tokens["attention_mask"]), dim=-1
+        text_embeds = model.encode_text(tokens["input_ids"], tokens["attention_mask"])
+        return contrastive_loss(
+            model.encode_images(images),
+            text_embeds[: len(captions)],
+            captions,
+            clip.logit_scale.exp(),
+            negative_text_embeds=text_embeds[len(captions) :],
         )
-        logits = clip.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE) * image_embeds @ text_embeds.T
-        targets = caption_targets(captions)
-        to_text = torch.cat([targets, targets.new_zeros(len(captions), len(negatives))], dim=1)
-        to_images = logits[:, : len(captions)].T
-        return 0.5 * (F.cross_entropy(logits, to_text) + F.cross_entropy(to_images, targets))
 
     clip.train()
     train_on_minibatches(
@@ -256,15 +256,13 @@ def frozen_features(model, images: torch.Tensor, prompts: list[str]) -> tuple[di
     return image_side, text_side
 
 
-def head_tests(params, data: Path, clip_dir: Path, seeds: list[int]) -> dict[str, list[dict]]:
-    """Layout heads on the frozen CLIP over seeds: {head: [{accuracy, oracle_val, oracle_train}]}."""
+def head_tests(params, data: Path, model, seeds: list[int]) -> dict[str, list[dict]]:
+    """Layout heads on `model`'s frozen CLIP over seeds: {head: [{accuracy, oracle_val, oracle_train}]}."""
     import numpy as np
     import pandas as pd
 
     from unifl.feedback.images import ImageStore
     from unifl.feedback.reward_training import bradley_terry_loss
-    from unifl.labeling.annotators import load_scorer
-    from unifl.models.reward import load_pretrained_reward_backbone
 
     config = params.reward
     table = pd.read_parquet(data / "labels" / "pairs.parquet")
@@ -274,18 +272,14 @@ def head_tests(params, data: Path, clip_dir: Path, seeds: list[int]) -> dict[str
     tie = torch.tensor(table["tie"].to_numpy(bool))
     weight = torch.tensor(table["weight"].to_numpy(float), dtype=torch.float32)
 
-    scorer = load_scorer(params.labeling.scorer, params)
+    oracle_gap = oracle_gaps(params, data / "pairs", table)
     prompts = list(table["prompt"])
-    preferred = scorer([data / "pairs" / path for path in table["image_w"]], prompts)["layout"]
-    other = scorer([data / "pairs" / path for path in table["image_l"]], prompts)["layout"]
-    oracle_gap = np.asarray(preferred) - np.asarray(other)
 
     paths = sorted(set(table["image_w"]) | set(table["image_l"]))
     image_row = {path: number for number, path in enumerate(paths)}
     distinct = sorted(set(prompts))
     prompt_row = {prompt: number for number, prompt in enumerate(distinct)}
     store = ImageStore(data / "pairs")
-    model = load_pretrained_reward_backbone(str(clip_dir), head_hidden_dim=1)
     image_side, text_side = frozen_features(model, store.batch(paths), distinct)
     winner = torch.tensor([image_row[path] for path in table["image_w"]])
     loser = torch.tensor([image_row[path] for path in table["image_l"]])
@@ -365,30 +359,26 @@ def main(argv: list[str] | None = None) -> int:
     from unifl.models.precision import apply_num_threads
     from unifl.models.reward import load_pretrained_reward_backbone
     from unifl.toy.bootstrap import bootstrap_toy_world
-    from unifl.toy.dataset import generate_toy_batch
+    from unifl.toy.dataset import load_toy_arrays
 
     params = load_params(args.params, preset=args.preset, overrides=args.overrides)
     apply_num_threads(params.project)
     started = time.perf_counter()
-    clip_dir = bootstrap_toy_world(params).clip_dir
-    if clip_dir is None:
+    boot = bootstrap_toy_world(params)
+    if boot.clip_dir is None:
         parser.error("bootstrap.clip_steps is 0: there is no pretrained toy CLIP to test")
-    toy = params.toy
-    shape = dict(
-        resolution=toy.resolution, min_objects=toy.min_objects, max_objects=toy.max_objects
-    )
-    train = generate_toy_batch(toy.num_train, toy.seed, **shape)
-    held_out = generate_toy_batch(toy.num_eval, toy.seed + 1, **shape)
+    train = load_toy_arrays(boot.train_data_dir)
+    held_out = load_toy_arrays(boot.eval_data_dir)
+    images, captions = train.image_tensor(), train.captions
     sets = {
         f"training images (first {args.train_images})": (
-            train.image_tensor()[: args.train_images],
-            list(train.captions)[: args.train_images],
+            images[: args.train_images],
+            captions[: args.train_images],
         ),
-        "held-out images": (held_out.image_tensor(), list(held_out.captions)),
+        "held-out images": (held_out.image_tensor(), held_out.captions),
     }
-    bootstrap_clip = load_pretrained_reward_backbone(str(clip_dir), head_hidden_dim=1)
+    bootstrap_clip = load_pretrained_reward_backbone(str(boot.clip_dir), head_hidden_dim=1)
     clips = {f"bootstrap CLIP ({params.bootstrap.clip_steps} steps)": bootstrap_clip}
-    images, captions = train.image_tensor(), list(train.captions)
     if args.negative_steps:
         clips[f"with hard negatives ({args.negative_steps} steps)"] = train_clip(
             params, args.negative_steps, with_negatives(images, captions, params.project.seed)
@@ -415,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     lines.append("")
     lines.append("share of images whose own caption scores higher than the changed one (images)")
     if args.data is not None:
-        heads = head_tests(params, args.data, clip_dir, args.seeds)
+        heads = head_tests(params, args.data, bootstrap_clip, args.seeds)
         record["heads"] = heads
 
         def cell(runs: list[dict], key: str) -> str:

@@ -45,6 +45,24 @@ def test_contrastive_loss_by_hand():
     assert same.item() == pytest.approx(0.5 * (soft + col), rel=1e-6)
 
 
+def test_contrastive_loss_hard_negatives_by_hand():
+    # Two images matching their own captions (cosine 1) and orthogonal to the other's.
+    images, texts = torch.eye(2), torch.eye(2)
+    scale = 2.0
+    plain = -math.log(math.exp(2) / (math.exp(2) + 1))
+    assert contrastive_loss(images, texts, ["x", "y"], scale).item() == pytest.approx(plain)
+    # A negative caption at cosine 1 with image 0 (and 0 with image 1) joins the rows only.
+    negative = torch.tensor([[3.0, 0.0]])
+    row_0 = -math.log(math.exp(2) / (2 * math.exp(2) + 1))
+    row_1 = -math.log(math.exp(2) / (math.exp(2) + 2))
+    expected = 0.5 * ((row_0 + row_1) / 2 + plain)
+    loss = contrastive_loss(images, texts, ["x", "y"], scale, negative_text_embeds=negative)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # No negatives at all is the plain loss.
+    empty = contrastive_loss(images, texts, ["x", "y"], scale, negative_text_embeds=texts[:0])
+    assert empty.item() == pytest.approx(plain)
+
+
 def test_contrastive_loss_clamps_the_scale_and_checks_sizes():
     images, texts = torch.eye(2), torch.eye(2)
     assert contrastive_loss(images, texts, ["x", "y"], 1e4).item() == pytest.approx(

@@ -354,8 +354,9 @@ def train_reward_model(
     """Train `model`'s heads (and backbone, unless its learning rate is 0) on preference pairs.
 
     `pairs` is the majority pair table (a DataFrame or a Parquet path, checked
-    here, or `checked_pairs`' result) with image paths relative to `images_root`. After training, `alpha_d` is
-    calibrated on the validation split and `config.alpha_override` applied.
+    here, or `checked_pairs`' result) with image paths relative to `images_root`.
+    After training, `alpha_d` is calibrated on the validation split and
+    `config.alpha_override` applied.
     With `out_dir`, writes `model/`, `metrics.json`, `history.jsonl` and
     `split.json` (the validation prompts) as one directory, all or nothing.
     `metrics_callback(step, metrics)` receives `train/loss`, `train/accuracy`

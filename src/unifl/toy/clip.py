@@ -44,6 +44,7 @@ def contrastive_loss(
     text_embeds: torch.Tensor,
     captions: Sequence[str],
     logit_scale: torch.Tensor | float,
+    negative_text_embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE of L2-normalised embeddings, equal captions counted as positives.
 
@@ -51,6 +52,10 @@ def contrastive_loss(
     (the scale itself, not its logarithm); the loss is the mean of the
     cross-entropies of the rows (image to captions) and of the columns
     (caption to images) against `caption_targets(captions)`.
+
+    `negative_text_embeds` [M, P] are hard negatives (NegCLIP): captions that
+    match none of the images, appended to every image's row as further wrong
+    captions; the caption-to-image direction does not see them.
     """
     if not image_embeds.shape[0] == text_embeds.shape[0] == len(captions):
         raise ValueError(
@@ -58,9 +63,17 @@ def contrastive_loss(
             f"{len(captions)} captions: give one of each per example"
         )
     scale = torch.as_tensor(logit_scale, dtype=image_embeds.dtype).clamp(max=MAX_LOGIT_SCALE)
-    logits = scale * F.normalize(image_embeds, dim=-1) @ F.normalize(text_embeds, dim=-1).T
+    images = F.normalize(image_embeds, dim=-1)
+    logits = scale * images @ F.normalize(text_embeds, dim=-1).T
     targets = caption_targets(captions).to(logits.device, logits.dtype)
-    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+    to_captions, caption_targets_of_images = logits, targets
+    if negative_text_embeds is not None:
+        negatives = scale * images @ F.normalize(negative_text_embeds, dim=-1).T
+        to_captions = torch.cat([logits, negatives], dim=1)
+        caption_targets_of_images = torch.cat([targets, torch.zeros_like(negatives)], dim=1)
+    return 0.5 * (
+        F.cross_entropy(to_captions, caption_targets_of_images) + F.cross_entropy(logits.T, targets)
+    )
 
 
 def retrieval_accuracy(
