@@ -536,6 +536,12 @@ class AdversarialConfig(Section):
     discriminator_dimension: str = Field(
         "detail", description="Reward head the discriminator starts from (paper: detail)."
     )
+    discriminator_patches: bool = Field(
+        False,
+        description="Add to the discriminator a head that scores each patch token of its image "
+        "encoder, averaged beside the reward head's logit (PatchGAN, ADD's token heads); "
+        "false: the reward head alone (paper).",
+    )
     r1_weight: float = Field(
         0.0,
         ge=0,

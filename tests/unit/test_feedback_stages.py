@@ -137,6 +137,52 @@ def test_adversarial_runs_one_step_and_samples_in_four_trailing_steps(inputs, tm
     assert images.shape == (2, 3, 32, 32) and bool(torch.isfinite(images).all())
 
 
+def test_patch_discriminator_starts_as_the_reward_head_and_scores_each_patch():
+    from unifl.feedback.adversarial import make_discriminator
+
+    reward = build_toy_reward_model()
+    discriminator = make_discriminator(reward, "detail", patches=True)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red circle", "a blue square"]
+    with torch.no_grad():
+        start = discriminator(images, prompts=prompts, dimensions=["detail"])["detail"]
+        expected = reward(images, prompts=prompts, dimensions=["detail"])["detail"]
+    # The patch head's last layer starts at zero: r_a is the reward model's score.
+    torch.testing.assert_close(start, expected)
+    # The patch logits are averaged: a head that scores every patch 1 adds exactly 1.
+    last = discriminator.patch_head[-1]
+    with torch.no_grad():
+        last.bias.fill_(1.0)
+        shifted = discriminator(images, prompts=prompts, dimensions=["detail"])["detail"]
+    torch.testing.assert_close(shifted, expected + 1.0)
+    # Training reaches the patch head and the reward head alike.
+    discriminator(images, prompts=prompts)["detail"].sum().backward()
+    assert float(last.weight.grad.abs().sum()) > 0
+    assert float(discriminator.reward_model.heads["detail"][0].weight.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="'detail' only"):
+        discriminator(images, prompts=prompts, dimensions=["color"])
+
+
+def test_adversarial_with_the_patch_discriminator_saves_both_heads(inputs, tmp_path):
+    from safetensors.torch import load_file
+
+    from unifl.feedback.adversarial import PATCH_HEAD_FILE
+
+    result = run_adversarial(
+        params("adversarial.discriminator_patches=true"),
+        inputs / "base",
+        inputs / "data",
+        inputs / "reward",
+        tmp_path / "adv",
+        progress=False,
+    )
+    assert "final_d_loss" in json.loads((result.out_dir / "metrics.json").read_text())
+    assert DecoupledRewardModel.load(result.discriminator_dir).dimensions == ("detail",)
+    head = load_file(str(result.discriminator_dir / PATCH_HEAD_FILE))
+    # One discriminator step moved the patch head's last layer off its zero start.
+    assert float(head["2.weight"].abs().sum()) > 0
+
+
 def test_cli_stage_decoupled_resumes_and_names_bad_inputs(tmp_path):
     root = tmp_path
     save_base_model(build_toy_model("toy-sd15"), root / "base")

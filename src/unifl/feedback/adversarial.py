@@ -7,7 +7,9 @@ Stage 2 trains the diffusion model and a discriminator `r_a` together:
 * `r_a` starts as a copy of the reward model's *detail* head with its CLIP
   backbone (`adversarial.discriminator_dimension`), one output, trainable with
   its own optimizer (`adversarial.discriminator_learning_rate`). The caption is
-  given to it for real and generated images alike.
+  given to it for real and generated images alike. With
+  `adversarial.discriminator_patches` it also scores each patch token of its
+  image encoder (`PatchDiscriminator`).
 * `L_G = -mean r_a(x0', c)`: the discriminator's parameters are *detached* in
   this term (`torch.func.functional_call`), so it moves only the UNet.
 * `L_D = BCE(r_a(x0, c), 1) + BCE(r_a(sg[x0'], c), 0)`: real images labelled 1,
@@ -58,7 +60,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from unifl.feedback.decoupled import add_aesthetic_term, resolve_aesthetic_weights
 from unifl.feedback.losses import discriminator_loss, generator_adversarial_loss
@@ -117,14 +119,86 @@ def double_backward_attention(enabled: bool) -> contextlib.AbstractContextManage
     return sdpa_kernel(SDPBackend.MATH)
 
 
-def make_discriminator(reward_model: DecoupledRewardModel, dimension: str) -> DecoupledRewardModel:
-    """A trainable copy of the reward model's backbone and `dimension` head (paper: detail)."""
+PATCH_HEAD_FILE = "patch_head.safetensors"
+
+
+class PatchDiscriminator(nn.Module):
+    """r_a with a second head that scores every patch token of the image encoder.
+
+    The reward model's head sees the pooled image embedding, one vector for the
+    whole image: a stray fragment beside the objects barely moves it. This adds
+    a head of the same shape that scores each patch token (layer-normed and
+    projected as the pooled token is, fused with the caption's embedding as
+    `[p, t, p * t]`), and adds the mean of those logits to the reward head's:
+    the patch-level judgement of PatchGAN and of ADD's token heads, on the
+    reward model's own backbone. The patch head's last layer starts at zero, so
+    at step 0 r_a is the reward model's score.
+
+    Called as the reward model is (`images`, `prompts`, `dimensions`), it
+    returns `{dimension: logits[N]}`; `save` writes the reward model's directory
+    (`DecoupledRewardModel.load` reads it: the pooled part) plus the patch head.
+    """
+
+    def __init__(self, reward_model: DecoupledRewardModel, dimension: str) -> None:
+        super().__init__()
+        from unifl.models.reward import RewardHead
+
+        self.reward_model = reward_model
+        self.dimension = dimension
+        projection_dim = int(reward_model.backbone.config.projection_dim)
+        self.patch_head = RewardHead(3 * projection_dim, reward_model.head_hidden_dim)
+        last = self.patch_head[-1]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.patch_head.to(device=reward_model.device, dtype=reward_model.dtype)
+
+    def forward(
+        self,
+        images: Tensor,
+        prompts: Sequence[str],
+        dimensions: Sequence[str] | None = None,
+    ) -> dict[str, Tensor]:
+        from unifl.models.reward import fuse_features
+
+        if dimensions is not None and list(dimensions) != [self.dimension]:
+            raise ValueError(f"the discriminator scores {self.dimension!r} only, not {dimensions}")
+        model = self.reward_model
+        backbone = model.backbone
+        vision = backbone.vision_model(pixel_values=model.preprocess(images))
+        tokens = model.tokenize(prompts)
+        text = model.encode_text(tokens["input_ids"], tokens["attention_mask"])
+        pooled = backbone.visual_projection(vision.pooler_output)
+        score = model.score_embeddings(pooled, text, [self.dimension])[self.dimension]
+        patches = backbone.visual_projection(
+            backbone.vision_model.post_layernorm(vision.last_hidden_state[:, 1:])
+        )
+        fused = fuse_features(patches, text[:, None].expand(-1, patches.shape[1], -1))
+        return {self.dimension: score + self.patch_head(fused).squeeze(-1).mean(1)}
+
+    def save(self, directory: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        self.reward_model.save(directory)
+        weights = {
+            name: tensor.detach().to("cpu", torch.float32).contiguous()
+            for name, tensor in self.patch_head.state_dict().items()
+        }
+        save_file(weights, str(Path(directory) / PATCH_HEAD_FILE), metadata={"format": "pt"})
+
+
+def make_discriminator(
+    reward_model: DecoupledRewardModel, dimension: str, patches: bool = False
+) -> nn.Module:
+    """A trainable copy of the reward model's backbone and `dimension` head (paper: detail);
+    with `patches`, wrapped in a `PatchDiscriminator`."""
     if dimension not in reward_model.dimensions:
         raise ValueError(
             f"adversarial.discriminator_dimension {dimension!r}: the reward model has no such head "
             f"(it has {list(reward_model.dimensions)})"
         )
     discriminator = reward_model.select_dimensions([dimension])
+    if patches:
+        discriminator = PatchDiscriminator(discriminator, dimension)
     discriminator.requires_grad_(True)
     return discriminator
 
@@ -157,7 +231,9 @@ class AdversarialTrainer(FeedbackTrainer):
         config = params.adversarial
         self.start_step, self.max_step = adversarial_steps(params)
         check_image_data(data, model, "adversarial data")
-        discriminator = make_discriminator(reward_model, config.discriminator_dimension)
+        discriminator = make_discriminator(
+            reward_model, config.discriminator_dimension, config.discriminator_patches
+        )
         super().__init__(
             model,
             params,
