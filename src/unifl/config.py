@@ -533,6 +533,12 @@ class AdversarialConfig(Section):
         ge=0,
         description="Gradient step t drawn from [0, max_step]; none: start_step (whole schedule).",
     )
+    min_step: int = Field(
+        0,
+        ge=0,
+        description="Smallest gradient step t (counted from the clean end): t is drawn from "
+        "[min_step, max_step]; 0: the whole range.",
+    )
     discriminator_dimension: str = Field(
         "detail", description="Reward head the discriminator starts from (paper: detail)."
     )

@@ -240,6 +240,8 @@ def test_stage_settings_that_cannot_work_are_named(inputs, tmp_path):
         AdversarialTrainer(
             model, images, reward, params("adversarial.discriminator_dimension=sharpness"), tmp_path
         )
+    with pytest.raises(ValueError, match=r"adversarial.min_step \(4\) must not exceed the largest"):
+        AdversarialTrainer(model, images, reward, params("adversarial.min_step=4"), tmp_path)
     with pytest.raises(
         ValueError, match=r"adversarial.start_step \(3\) must be below the schedule's 3"
     ):
@@ -263,6 +265,33 @@ def test_adversarial_trains_on_the_few_step_samplers_schedule(inputs, tmp_path):
     trainer = AdversarialTrainer(model, images, reward, paper, tmp_path / "five")
     assert trainer.schedule.timesteps.tolist() == [199, 399, 599, 799, 999]
     assert (trainer.start_step, trainer.max_step) == (4, 4)
+
+
+def test_adversarial_gradient_steps_stay_in_min_step_to_max_step(inputs, tmp_path):
+    from unifl.feedback.adversarial import AdversarialTrainer
+    from unifl.feedback.pefl import collate_images
+
+    masks = {"semantic_mask": torch.zeros(32, 32), "instance_mask": torch.zeros(32, 32)}
+    items = [{"image": torch.rand(3, 32, 32), "caption": "a red circle", **masks}] * 2
+
+    def drawn(*settings: str) -> set[int]:
+        trainer = AdversarialTrainer(
+            load_base_model(inputs / "base"),
+            items,
+            build_toy_reward_model(),
+            params("adversarial.start_step=null", *settings),
+            tmp_path / "-".join(settings),
+            progress=False,
+        )
+        trainer._prepare()
+        batch = collate_images(items)
+        return {
+            trainer.compute_loss(batch, torch.Generator().manual_seed(seed)).logs["timestep"]
+            for seed in range(12)
+        }
+
+    assert drawn("adversarial.min_step=2") == {749, 999}  # the two noisiest of 4 trailing steps
+    assert drawn("adversarial.min_step=1", "adversarial.max_step=1") == {499}
 
 
 def test_adversarial_from_noise_ignores_the_real_images_until_the_discriminator(inputs, tmp_path):

@@ -29,8 +29,8 @@ optimises for, `adversarial.inference_steps` (4) DDIM steps with
 `adversarial.timestep_spacing` "trailing": timesteps 999, 749, 499, 249. Real
 latents are noised to `T_a = adversarial.start_step` (default: the noisiest
 step, t=999) and denoised without gradients, with guidance, to the gradient
-step `t` drawn uniformly from `[0, adversarial.max_step]` (default:
-`start_step`, i.e. the whole schedule), as PeFL does with its own `T_a` and
+step `t` drawn uniformly from `[adversarial.min_step, adversarial.max_step]`
+(default: `[0, start_step]`, i.e. the whole schedule), as PeFL does with its own `T_a` and
 range. So the generator and the discriminator see the x0 predictions of the
 few-step sampler's own trajectory, from the states that 4-step inference
 passes through.
@@ -87,8 +87,8 @@ def schedule_steps(params: Params) -> int:
     return config.schedule_steps or config.inference_steps
 
 
-def adversarial_steps(params: Params) -> tuple[int, int]:
-    """(T_a, max gradient step) of the adversarial stage, resolved and checked."""
+def adversarial_steps(params: Params) -> tuple[int, int, int]:
+    """(T_a, min and max gradient step) of the adversarial stage, resolved and checked."""
     config = params.adversarial
     steps = schedule_steps(params)
     start = steps - 1 if config.start_step is None else config.start_step
@@ -107,7 +107,12 @@ def adversarial_steps(params: Params) -> tuple[int, int]:
         raise ValueError(
             f"adversarial.max_step ({max_step}) must not exceed adversarial.start_step ({start})"
         )
-    return start, max_step
+    if config.min_step > max_step:
+        raise ValueError(
+            f"adversarial.min_step ({config.min_step}) must not exceed the largest gradient step "
+            f"({max_step}: adversarial.max_step, else adversarial.start_step)"
+        )
+    return start, config.min_step, max_step
 
 
 def double_backward_attention(enabled: bool) -> contextlib.AbstractContextManager:
@@ -229,7 +234,7 @@ class AdversarialTrainer(FeedbackTrainer):
         progress: bool = True,
     ) -> None:
         config = params.adversarial
-        self.start_step, self.max_step = adversarial_steps(params)
+        self.start_step, self.min_step, self.max_step = adversarial_steps(params)
         check_image_data(data, model, "adversarial data")
         discriminator = make_discriminator(
             reward_model, config.discriminator_dimension, config.discriminator_patches
@@ -277,7 +282,7 @@ class AdversarialTrainer(FeedbackTrainer):
         real = batch.images.to(self.device)
         latents = self.encode(real)
         embeds, uncond = self.prompt_embeds(batch.captions)
-        grad_step = sample_step(0, self.max_step, generator)
+        grad_step = sample_step(self.min_step, self.max_step, generator)
         noise = self.randn(latents.shape, generator)
         if config.start_latents == "noise":
             noisy = noise
