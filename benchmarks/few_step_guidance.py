@@ -13,7 +13,11 @@ and each tuned model (default: `runs/toy_table/seed-*/adversarial/model`) at
 Fréchet distance and extra objects per scale, and the share of the base
 model's 4-vs-20-step gap at that scale that the tuned models' 4 steps close
 (the toy table's criterion, which the table applies at
-`evaluate.guidance_scale` only).
+`evaluate.guidance_scale` only). At `evaluate.guidance_scale` it also splits
+the samples by their caption's background (dark, bright, gray, striped,
+noisy): caption-match, the share of samples in which no caption object is
+found, extra objects and the lighting oracle of each, for the base model at 20
+and 4 steps and the tuned models at 4 (pooled over models).
 Outputs go to `--out` (default runs/few_step_guidance).
 """
 
@@ -27,6 +31,35 @@ from pathlib import Path
 from toy_table import bind_to_bootstrap, build_data, evaluate, gap_closed, mean_std, run_jobs
 
 METRICS = ("caption_match", "frechet", "extra_objects")
+SAMPLE_COLUMNS = ("caption_match", "extra_objects", "oracle_lighting")
+
+
+def by_background(evaluations: dict[str, list[Path]], steps: dict[str, int]) -> str:
+    """Per caption background, each row's samples (its evaluations' `per_sample.parquet` at
+    `steps[row]` steps, pooled): how many, caption-match, the share with no caption object
+    found, extra objects and oracle lighting, as a text table."""
+    import pandas as pd
+
+    from unifl.toy.world import parse_caption
+
+    header = f"{'background':<12}{'samples':<16}{'n':>6}{'caption_match':>15}{'none found':>12}"
+    header += "".join(f"{column:>17}" for column in SAMPLE_COLUMNS[1:])
+    frames = {}
+    for row, directories in evaluations.items():
+        samples = pd.concat([pd.read_parquet(d / "per_sample.parquet") for d in directories])
+        samples = samples[samples["steps"] == steps[row]]
+        frames[row] = samples.assign(
+            background=[parse_caption(prompt).background for prompt in samples["prompt"]]
+        )
+    lines = [header]
+    for background in sorted(set().union(*(set(f["background"]) for f in frames.values()))):
+        for row, samples in frames.items():
+            part = samples[samples["background"] == background]
+            cells = f"{len(part):>6}{part['caption_match'].mean():>15.3f}"
+            cells += f"{(part['caption_match'] == 0).mean():>12.3f}"
+            cells += "".join(f"{part[column].mean():>17.3f}" for column in SAMPLE_COLUMNS[1:])
+            lines.append(f"{background:<12}{row:<16}{cells}")
+    return "\n".join(lines)
 
 
 def run_one(params, boot, reward: Path, model_dir: Path | None, scale: float, out: Path) -> dict:
@@ -96,6 +129,17 @@ def main(argv: list[str] | None = None) -> int:
                 f"{scale:>6g}{base_20:>16.3f}{base_4:>16.3f}"
                 f"{f'{mean:.3f} ± {std:.3f}':>18}{closed:>12}"
             )
+    scale = params.evaluate.guidance_scale
+    runs = {job[5]: job[3] for job in jobs if job[4] == scale}
+    base = [out for out, model in runs.items() if model is None]
+    tuned = [out for out, model in runs.items() if model is not None]
+    print(f"\nby caption background at guidance {scale:g}")
+    print(
+        by_background(
+            {"base 20 steps": base, "base 4 steps": base, "tuned 4 steps": tuned},
+            {"base 20 steps": 20, "base 4 steps": 4, "tuned 4 steps": 4},
+        )
+    )
     return 0
 
 
