@@ -181,14 +181,18 @@ class PatchDiscriminator(nn.Module):
         return {self.dimension: score + self.patch_head(fused).squeeze(-1).mean(1)}
 
     def save(self, directory: str | Path) -> None:
+        """The reward model's files and the patch head, replacing `directory` as a whole."""
         from safetensors.torch import save_file
 
-        self.reward_model.save(directory)
+        from unifl.io import atomic_directory
+
         weights = {
             name: tensor.detach().to("cpu", torch.float32).contiguous()
             for name, tensor in self.patch_head.state_dict().items()
         }
-        save_file(weights, str(Path(directory) / PATCH_HEAD_FILE), metadata={"format": "pt"})
+        with atomic_directory(directory) as tmp:
+            self.reward_model.save(tmp)
+            save_file(weights, str(tmp / PATCH_HEAD_FILE), metadata={"format": "pt"})
 
 
 def make_discriminator(
