@@ -405,3 +405,21 @@ def test_bootstrap_trains_its_text_encoder_from_the_toy_clip(ci_bootstrap, tmp_p
     scratch = bootstrap_toy_world(params, progress=False)
     plain = load_base_model(scratch.base_model_dir).text_encoder.state_dict()
     assert any(not torch.equal(plain[key], value) for key, value in trained.items() if key in plain)
+
+
+def test_bootstrap_samples_follow_the_sampling_spacing():
+    from unifl.models.sampler import generate
+    from unifl.models.toy_presets import build_toy_model
+    from unifl.toy.bootstrap import sample_captions
+
+    model = build_toy_model("toy-sd15")
+    captions = ["a red circle on a dark background"]
+    for spacing in ("leading", "trailing"):
+        params = load_params(
+            None, overrides=["sampling.steps=3", f"sampling.timestep_spacing={spacing}"]
+        )
+        samples = sample_captions(model, captions, params, progress=False)
+        expected = generate(model, captions, steps=3, seed=0, timestep_spacing=spacing)
+        torch.testing.assert_close(samples, expected)
+    leading = generate(model, captions, steps=3, seed=0, timestep_spacing="leading")
+    assert not torch.allclose(samples, leading)

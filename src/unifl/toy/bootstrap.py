@@ -449,8 +449,8 @@ def train_base_model(
 
 
 def sample_captions(model, captions: list[str], params: Params, progress: bool = True):
-    """The bootstrap's evaluation samples of `captions`: `sampling.steps` steps at
-    `sampling.guidance_scale`, seeded by `project.seed`."""
+    """The bootstrap's evaluation samples of `captions`: `sampling.steps` steps spaced by
+    `sampling.timestep_spacing` at `sampling.guidance_scale`, seeded by `project.seed`."""
     from unifl.models.sampler import generate
 
     return generate(
@@ -459,6 +459,7 @@ def sample_captions(model, captions: list[str], params: Params, progress: bool =
         steps=params.sampling.steps,
         guidance_scale=params.sampling.guidance_scale,
         seed=params.project.seed,
+        timestep_spacing=params.sampling.timestep_spacing,
         progress=progress,
     )
 
