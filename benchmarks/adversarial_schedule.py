@@ -17,7 +17,7 @@ table's reward model) and evaluates the base model and each result on the
 held-out toy captions. It prints, at 4 and at 20 steps, caption-match,
 Fréchet distance and extra objects (mean ± std over seeds), and the share of
 the base model's 4-vs-20-step gap that each schedule closes (the toy table's
-criterion).
+criterion), on the mean and per seed.
 With `--start` the stage starts from the decoupled model of a finished toy
 table's run of the same seed, as the table's adversarial stage does, so a
 setting can be tried on the table's own starting point without training
@@ -38,6 +38,7 @@ from toy_table import (
     gap_closed,
     mean_std_text,
     run_variants,
+    shares_per_seed,
     toy_arguments,
     with_seed,
 )
@@ -144,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             closed = "  " + ", ".join(shares)
         print(f"{name:<30}{cells}{closed:>52}")
+        if variant is not None:
+            per_seed = (
+                f"{metric} {shares_per_seed(results[None], results[variant], metric)}"
+                for metric in METRICS
+            )
+            print(f"{'':<30}gap closed per seed: " + ", ".join(per_seed))
     for variant in args.schedules:
         first, last, accuracy = (
             cell(variant, key) for key in ("d_fake_first", "d_fake_last", "d_accuracy_last")

@@ -299,6 +299,13 @@ def gap_closed(
     return base_4, base_20, tuned_4, share
 
 
+def shares_per_seed(
+    base: list[dict[str, float]], tuned: list[dict[str, float]], metric: str
+) -> str:
+    """Each tuned run's share of the base model's gap in `metric`, as 'a% / b% / c%'."""
+    return " / ".join(f"{gap_closed(base, [run], metric)[3] * 100:.0f}%" for run in tuned)
+
+
 def direction_checks(results: dict[str, list[dict[str, float]]]) -> list[str]:
     """The paper's directions, each judged against the spread over seeds (mean diff > its std)."""
 
@@ -341,10 +348,7 @@ def direction_checks(results: dict[str, list[dict[str, float]]]) -> list[str]:
             f"base 20 steps {base_20:.3f}, tuned 4 steps {tuned_4:.3f}: "
         )
         if not math.isnan(closed):
-            per_seed = " / ".join(
-                f"{gap_closed(results['base'], [run], metric)[3] * 100:.0f}%"
-                for run in results["+adversarial"]
-            )
+            per_seed = shares_per_seed(results["base"], results["+adversarial"], metric)
             lines.append(
                 f"{measured}{closed * 100:.0f}% of the gap (per seed {per_seed}) "
                 f"-> {verdict(closed >= 0.5)}"

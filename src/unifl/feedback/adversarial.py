@@ -72,6 +72,7 @@ from unifl.feedback.trainer import (
     MetricsCallback,
     StepOutput,
 )
+from unifl.models.reward import RewardHead, fuse_features
 
 if TYPE_CHECKING:
     from unifl.config import Params
@@ -146,8 +147,6 @@ class PatchDiscriminator(nn.Module):
 
     def __init__(self, reward_model: DecoupledRewardModel, dimension: str) -> None:
         super().__init__()
-        from unifl.models.reward import RewardHead
-
         self.reward_model = reward_model
         self.dimension = dimension
         projection_dim = int(reward_model.backbone.config.projection_dim)
@@ -163,8 +162,6 @@ class PatchDiscriminator(nn.Module):
         prompts: Sequence[str],
         dimensions: Sequence[str] | None = None,
     ) -> dict[str, Tensor]:
-        from unifl.models.reward import fuse_features
-
         if dimensions is not None and list(dimensions) != [self.dimension]:
             raise ValueError(f"the discriminator scores {self.dimension!r} only, not {dimensions}")
         model = self.reward_model
