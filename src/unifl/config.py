@@ -548,6 +548,19 @@ class AdversarialConfig(Section):
         "encoder, averaged beside the reward head's logit (PatchGAN, ADD's token heads); "
         "false: the reward head alone (paper).",
     )
+    discriminator_unet_features: bool = Field(
+        False,
+        description="Add to the discriminator heads on the features of a frozen copy of the "
+        "starting model's UNet, run on the real and generated latents re-noised to a random "
+        "timestep (LADD's discriminator); their mean logit is added to the reward head's. "
+        "false: the reward head alone (paper).",
+    )
+    discriminator_feature_max_timestep: int = Field(
+        500,
+        ge=0,
+        description="Largest scheduler timestep the latents are noised to before the frozen "
+        "UNet scores them (drawn uniformly from [0, this]); with discriminator_unet_features.",
+    )
     r1_weight: float = Field(
         0.0,
         ge=0,

@@ -183,6 +183,75 @@ def test_adversarial_with_the_patch_discriminator_saves_both_heads(inputs, tmp_p
     assert float(head["2.weight"].abs().sum()) > 0
 
 
+@pytest.mark.parametrize("preset", PRESETS)
+def test_unet_feature_discriminator_starts_as_the_reward_head_and_reads_the_latents(preset):
+    from unifl.feedback.adversarial import make_discriminator
+    from unifl.models.base import encode_images, encode_prompt
+
+    model = build_toy_model(preset)
+    reward = build_toy_reward_model()
+    discriminator = make_discriminator(reward, "detail", feature_model=model)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red circle", "a blue square"]
+    with torch.no_grad():
+        inputs = {"latents": encode_images(model, images), "embeds": encode_prompt(model, prompts)}
+        start = discriminator(images, prompts=prompts, **inputs)["detail"]
+        expected = reward(images, prompts=prompts, dimensions=["detail"])["detail"]
+    # The heads' last layers start at zero: r_a is the reward model's score.
+    torch.testing.assert_close(start, expected)
+    # Positions and levels are averaged: heads that score every position 1 add exactly 1.
+    with torch.no_grad():
+        for head in discriminator.heads:
+            head[-1].bias.fill_(1.0)
+        shifted = discriminator(images, prompts=prompts, **inputs)["detail"]
+    torch.testing.assert_close(shifted, expected + 1.0)
+    # The heads read the latents: other latents, other scores (weights off zero).
+    with torch.no_grad():
+        for head in discriminator.heads:
+            head[-1].weight.normal_(generator=torch.Generator().manual_seed(1))
+        scored = discriminator(images, prompts=prompts, **inputs)["detail"]
+        moved = dict(inputs, latents=inputs["latents"] + 1.0)
+        other = discriminator(images, prompts=prompts, **moved)["detail"]
+    assert float((scored - other).abs().min()) > 1e-4
+    # The gradient reaches the heads, the reward head and the latents, never the frozen UNet.
+    latents = inputs["latents"].clone().requires_grad_(True)
+    discriminator(images, prompts=prompts, **dict(inputs, latents=latents))[
+        "detail"
+    ].sum().backward()
+    assert float(discriminator.heads[0][-1].weight.grad.abs().sum()) > 0
+    assert float(discriminator.inner.heads["detail"][0].weight.grad.abs().sum()) > 0
+    assert float(latents.grad.abs().sum()) > 0
+    assert all(p.grad is None and not p.requires_grad for p in discriminator.unet.parameters())
+    # A copy: training the base model's UNet leaves the discriminator's features as they were.
+    assert discriminator.unet is not model.unet
+    with pytest.raises(ValueError, match="max_timestep"):
+        make_discriminator(reward, "detail", feature_model=model, feature_max_timestep=1000)
+
+
+def test_adversarial_with_unet_features_saves_the_heads_and_applies_r1(inputs, tmp_path):
+    from safetensors.torch import load_file
+
+    from unifl.feedback.adversarial import FEATURE_HEADS_FILE
+
+    result = run_adversarial(
+        params("adversarial.discriminator_unet_features=true", "adversarial.r1_weight=1"),
+        inputs / "base",
+        inputs / "data",
+        inputs / "reward",
+        tmp_path / "adv",
+        progress=False,
+    )
+    metrics = json.loads((result.out_dir / "metrics.json").read_text())
+    assert {"final_d_loss", "discriminator_4steps"} <= set(metrics)
+    assert result.history[0]["r1"] > 0
+    assert DecoupledRewardModel.load(result.discriminator_dir).dimensions == ("detail",)
+    heads = load_file(str(result.discriminator_dir / FEATURE_HEADS_FILE))
+    # One discriminator step moved every head's last layer off its zero start.
+    last_layers = [name for name in heads if name.endswith(".2.weight")]
+    assert len(last_layers) == 4
+    assert all(float(heads[name].abs().sum()) > 0 for name in last_layers)
+
+
 def test_cli_stage_decoupled_resumes_and_names_bad_inputs(tmp_path):
     root = tmp_path
     save_base_model(build_toy_model("toy-sd15"), root / "base")

@@ -9,13 +9,17 @@ Stage 2 trains the diffusion model and a discriminator `r_a` together:
   its own optimizer (`adversarial.discriminator_learning_rate`). The caption is
   given to it for real and generated images alike. With
   `adversarial.discriminator_patches` it also scores each patch token of its
-  image encoder (`PatchDiscriminator`).
+  image encoder (`PatchDiscriminator`); with
+  `adversarial.discriminator_unet_features` it also scores the features of a
+  frozen copy of the starting model's UNet on re-noised latents
+  (`UNetFeatureDiscriminator`, LADD's discriminator).
 * `L_G = -mean r_a(x0', c)`: the discriminator's parameters are *detached* in
   this term (`torch.func.functional_call`), so it moves only the UNet.
 * `L_D = BCE(r_a(x0, c), 1) + BCE(r_a(sg[x0'], c), 0)`: real images labelled 1,
   the model's x0' (gradient stopped) labelled 0; one forward over [real; fake].
 * With `adversarial.r1_weight` gamma > 0, `L_D` adds the R1 penalty
-  `gamma/2 * mean ||grad_x r_a(x0, c)||^2` on the real images (not in the paper;
+  `gamma/2 * mean ||grad_x r_a(x0, c)||^2` on the real images (with the UNet
+  features, the gradient with respect to their latents counts too; not in the paper;
   ADD and StyleGAN use it): it keeps the discriminator smooth around the data,
   so that it does not run away from the generator. Its double backward needs
   the math attention kernel, which the discriminator's forward then takes.
@@ -55,6 +59,8 @@ rewards and discriminator scores of both are reported.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,6 +78,7 @@ from unifl.feedback.trainer import (
     MetricsCallback,
     StepOutput,
 )
+from unifl.models.base import PromptEmbeds
 from unifl.models.reward import RewardHead, fuse_features
 
 if TYPE_CHECKING:
@@ -192,11 +199,169 @@ class PatchDiscriminator(nn.Module):
             save_file(weights, str(tmp / PATCH_HEAD_FILE), metadata={"format": "pt"})
 
 
+FEATURE_HEADS_FILE = "unet_feature_heads.safetensors"
+
+
+class _FeaturesTaken(Exception):
+    """Raised by the mid block's hook: the UNet's up path is not needed for the features."""
+
+
+def _feature_head(channels: int) -> nn.Sequential:
+    hidden = max(16, channels // 4)
+    head = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.SiLU(), nn.Conv2d(hidden, 1, 1))
+    nn.init.zeros_(head[-1].weight)
+    nn.init.zeros_(head[-1].bias)
+    return head
+
+
+class UNetFeatureDiscriminator(nn.Module):
+    """r_a plus heads on the features of a frozen copy of the starting model's UNet.
+
+    A CLIP image encoder reads which colours and roughly which shapes are in an
+    image; small stray fragments beside the objects barely move its embedding.
+    The diffusion model's own UNet represents every region of the latent at
+    several resolutions, conditioned on the caption: LADD (SD3-Turbo's
+    distillation) builds its discriminator from those features of the frozen
+    teacher. Here the latents of the real and the generated images are noised
+    to a timestep drawn uniformly from `[0, max_timestep]` (each row its own),
+    the frozen UNet is run with the caption's embedding down to its mid block,
+    and a 1x1-convolution head scores every position of each down block's
+    last feature map before downsampling and of the mid block's output. The
+    mean over positions and levels is added to the inner discriminator's logit
+    (the reward head, or a `PatchDiscriminator`). The heads' last layers start
+    at zero, so at step 0 r_a is the reward model's score, as the paper has it.
+
+    The frozen UNet is a copy taken before the trainer adds LoRA to the model,
+    kept in fp32 and in eval mode (for SDXL a second UNet of about 10 GB); only
+    the inner discriminator and the heads train. A step runs it down to the
+    mid block three times (real and generated latents for the discriminator,
+    generated ones for the generator), the up path being skipped. Called with `latents` (scaled, as the UNet sees them) and `embeds`
+    (`encode_prompt`) besides the images; `generator` draws the noise and the
+    timesteps (a fixed seed when none is given, so that scoring is repeatable).
+    """
+
+    def __init__(
+        self,
+        inner: nn.Module,
+        dimension: str,
+        model: BaseModel,
+        max_timestep: int,
+    ) -> None:
+        super().__init__()
+        limit = int(model.scheduler.config.num_train_timesteps)
+        if not 0 <= max_timestep < limit:
+            raise ValueError(
+                f"adversarial.discriminator_feature_max_timestep ({max_timestep}) must be a "
+                f"scheduler timestep in [0, {limit})"
+            )
+        self.inner = inner
+        self.dimension = dimension
+        self.max_timestep = max_timestep
+        self.unet = copy.deepcopy(model.unet).eval().requires_grad_(False)
+        # The model's frozen parts with this UNet: what `predict_noise` reads. A plain
+        # attribute, so that moving the discriminator does not move the trainer's VAE and
+        # text encoders (the UNet copy above is registered and moves with it).
+        self._model = dataclasses.replace(model, unet=self.unet)
+        self.alphas_cumprod = torch.as_tensor(
+            model.scheduler.alphas_cumprod, dtype=torch.float32
+        ).clone()  # host tensor: indexed by the timesteps drawn on the CPU
+        self._features: list[Tensor] = []
+        for block in self.unet.down_blocks:
+            block.register_forward_hook(self._take_down)
+        self.unet.mid_block.register_forward_hook(self._take_mid)
+        channels = [int(block.resnets[-1].out_channels) for block in self.unet.down_blocks]
+        channels.append(int(self.unet.config.block_out_channels[-1]))
+        self.heads = nn.ModuleList(_feature_head(c) for c in channels)
+
+    def _take_down(self, block: nn.Module, _inputs: Any, output: Any) -> None:
+        _hidden, states = output
+        # The block's last feature map before its downsampler, at the block's own resolution.
+        self._features.append(states[-2] if getattr(block, "downsamplers", None) else states[-1])
+
+    def _take_mid(self, _block: nn.Module, _inputs: Any, output: Any) -> None:
+        self._features.append(output)
+        raise _FeaturesTaken
+
+    def requires_grad_(self, requires_grad: bool = True) -> UNetFeatureDiscriminator:
+        super().requires_grad_(requires_grad)
+        self.unet.requires_grad_(False)
+        return self
+
+    def train(self, mode: bool = True) -> UNetFeatureDiscriminator:
+        super().train(mode)
+        self.unet.eval()
+        return self
+
+    def features(
+        self, latents: Tensor, embeds: Any, generator: torch.Generator | None
+    ) -> list[Tensor]:
+        """The frozen UNet's feature maps of `latents` noised to random timesteps."""
+        from unifl.models.base import predict_noise
+
+        # Drawn on the CPU, as the trainer draws its noise: the same numbers on any device.
+        if generator is None:
+            generator = torch.Generator().manual_seed(0)
+        steps = torch.randint(0, self.max_timestep + 1, (latents.shape[0],), generator=generator)
+        noise = torch.randn(latents.shape, generator=generator)
+        alpha = self.alphas_cumprod[steps].view(-1, 1, 1, 1)
+        noisy = alpha.sqrt().to(latents) * latents + (1 - alpha).sqrt().to(latents) * noise.to(
+            latents
+        )
+        self._features = []
+        with contextlib.suppress(_FeaturesTaken):
+            predict_noise(self._model, noisy, steps, embeds)
+        features, self._features = self._features, []
+        if len(features) != len(self.heads):
+            raise RuntimeError(
+                f"the UNet gave {len(features)} feature maps for {len(self.heads)} heads"
+            )
+        return features
+
+    def forward(
+        self,
+        images: Tensor,
+        prompts: Sequence[str],
+        dimensions: Sequence[str] | None = None,
+        *,
+        latents: Tensor,
+        embeds: Any,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        if dimensions is not None and list(dimensions) != [self.dimension]:
+            raise ValueError(f"the discriminator scores {self.dimension!r} only, not {dimensions}")
+        score = self.inner(images, prompts=prompts, dimensions=[self.dimension])[self.dimension]
+        features = self.features(latents, embeds, generator)
+        levels = [
+            head(f.float()).flatten(1).mean(1) for head, f in zip(self.heads, features, strict=True)
+        ]
+        return {self.dimension: score + torch.stack(levels).mean(0).to(score.dtype)}
+
+    def save(self, directory: str | Path) -> None:
+        """The inner discriminator's files and the feature heads, replacing `directory`."""
+        from safetensors.torch import save_file
+
+        from unifl.io import atomic_directory
+
+        weights = {
+            name: tensor.detach().to("cpu", torch.float32).contiguous()
+            for name, tensor in self.heads.state_dict().items()
+        }
+        metadata = {"format": "pt", "max_timestep": str(self.max_timestep)}
+        with atomic_directory(directory) as tmp:
+            self.inner.save(tmp)
+            save_file(weights, str(tmp / FEATURE_HEADS_FILE), metadata=metadata)
+
+
 def make_discriminator(
-    reward_model: DecoupledRewardModel, dimension: str, patches: bool = False
+    reward_model: DecoupledRewardModel,
+    dimension: str,
+    patches: bool = False,
+    feature_model: BaseModel | None = None,
+    feature_max_timestep: int = 500,
 ) -> nn.Module:
     """A trainable copy of the reward model's backbone and `dimension` head (paper: detail);
-    with `patches`, wrapped in a `PatchDiscriminator`."""
+    with `patches`, wrapped in a `PatchDiscriminator`; with `feature_model`, in a
+    `UNetFeatureDiscriminator` on a frozen copy of that model's UNet."""
     if dimension not in reward_model.dimensions:
         raise ValueError(
             f"adversarial.discriminator_dimension {dimension!r}: the reward model has no such head "
@@ -205,6 +370,10 @@ def make_discriminator(
     discriminator = reward_model.select_dimensions([dimension])
     if patches:
         discriminator = PatchDiscriminator(discriminator, dimension)
+    if feature_model is not None:
+        discriminator = UNetFeatureDiscriminator(
+            discriminator, dimension, feature_model, feature_max_timestep
+        )
     discriminator.requires_grad_(True)
     return discriminator
 
@@ -238,7 +407,11 @@ class AdversarialTrainer(FeedbackTrainer):
         self.start_step, self.min_step, self.max_step = adversarial_steps(params)
         check_image_data(data, model, "adversarial data")
         discriminator = make_discriminator(
-            reward_model, config.discriminator_dimension, config.discriminator_patches
+            reward_model,
+            config.discriminator_dimension,
+            config.discriminator_patches,
+            feature_model=model if config.discriminator_unet_features else None,
+            feature_max_timestep=config.discriminator_feature_max_timestep,
         )
         super().__init__(
             model,
@@ -265,7 +438,17 @@ class AdversarialTrainer(FeedbackTrainer):
     def batch(self, micro_batch: int) -> ImageBatch:
         return collate_images([self.data_set[i] for i in self.data.indices(micro_batch)])
 
-    def _scores_without_parameter_gradients(self, images: Tensor, prompts: list[str]) -> Tensor:
+    def _discriminator_inputs(
+        self, latents: Tensor, embeds: PromptEmbeds, generator: torch.Generator | None
+    ) -> dict[str, Any]:
+        """What a UNet-feature discriminator takes besides the images and captions."""
+        if not isinstance(self.discriminator, UNetFeatureDiscriminator):
+            return {}
+        return {"latents": latents, "embeds": embeds, "generator": generator}
+
+    def _scores_without_parameter_gradients(
+        self, images: Tensor, prompts: list[str], inputs: dict[str, Any]
+    ) -> Tensor:
         """r_a(images, c) with the discriminator's parameters detached (the generator's view)."""
         from torch.func import functional_call
 
@@ -274,7 +457,7 @@ class AdversarialTrainer(FeedbackTrainer):
             self.discriminator,
             detached,
             (images,),
-            {"prompts": prompts, "dimensions": [self.dimension]},
+            {"prompts": prompts, "dimensions": [self.dimension], **inputs},
         )
         return scores[self.dimension]
 
@@ -292,7 +475,10 @@ class AdversarialTrainer(FeedbackTrainer):
         sample = self.feedback(noisy, self.start_step, grad_step, embeds, uncond)
         fake = self.decode(sample.x0_latents)
 
-        fake_scores = self._scores_without_parameter_gradients(fake, batch.captions)
+        fake_latents = sample.x0_latents
+        fake_scores = self._scores_without_parameter_gradients(
+            fake, batch.captions, self._discriminator_inputs(fake_latents, embeds, generator)
+        )
         generator_loss = generator_adversarial_loss(fake_scores)
         loss = config.adversarial_weight * generator_loss
         logs: dict[str, float] = {"g_loss": float(generator_loss.detach())}
@@ -311,14 +497,24 @@ class AdversarialTrainer(FeedbackTrainer):
         prepared = self.group("discriminator").prepared
         penalised = config.r1_weight > 0
         real = real.to(fake.dtype).requires_grad_(penalised)
+        real_latents = latents.detach().requires_grad_(penalised)
         both = torch.cat([real, fake.detach()])
+        inputs = self._discriminator_inputs(
+            torch.cat([real_latents, fake_latents.detach().to(real_latents.dtype)]),
+            PromptEmbeds.cat([embeds, embeds]),
+            generator,
+        )
         with double_backward_attention(penalised):
-            logits = prepared(both, prompts=batch.captions * 2, dimensions=[self.dimension])
+            logits = prepared(
+                both, prompts=batch.captions * 2, dimensions=[self.dimension], **inputs
+            )
         real_logits, fake_logits = logits[self.dimension].chunk(2)
         d_loss = discriminator_loss(real_logits, fake_logits)
         if penalised:
-            (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
-            r1 = grad.float().pow(2).flatten(1).sum(1).mean()
+            grads = torch.autograd.grad(
+                real_logits.sum(), [real, real_latents], create_graph=True, allow_unused=True
+            )
+            r1 = sum(g.float().pow(2).flatten(1).sum(1).mean() for g in grads if g is not None)
             d_loss = d_loss + 0.5 * config.r1_weight * r1
             logs["r1"] = float(r1.detach())
         loss = loss + d_loss
@@ -352,6 +548,7 @@ class AdversarialTrainer(FeedbackTrainer):
         Few-step samples use trailing DDIM at `adversarial.inference_steps`; the
         full schedule uses `sampling.timestep_spacing`. Same prompts and seed.
         """
+        from unifl.models.base import encode_prompt
         from unifl.models.sampler import generate
 
         config = self.params.adversarial
@@ -377,6 +574,12 @@ class AdversarialTrainer(FeedbackTrainer):
             rewards = self.reward_model(images, prompts=prompts)
             for dim, values in rewards.items():
                 metrics[f"reward_{dim}_{steps}steps"] = float(values.float().mean())
-            scores = discriminator(images, prompts=prompts, dimensions=[self.dimension])
+            inputs = {}
+            if isinstance(discriminator, UNetFeatureDiscriminator):
+                inputs = {
+                    "latents": self.encode(images),
+                    "embeds": encode_prompt(self.model, prompts),
+                }
+            scores = discriminator(images, prompts=prompts, dimensions=[self.dimension], **inputs)
             metrics[f"discriminator_{steps}steps"] = float(scores[self.dimension].float().mean())
         return metrics
