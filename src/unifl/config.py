@@ -548,6 +548,13 @@ class AdversarialConfig(Section):
         "encoder, averaged beside the reward head's logit (PatchGAN, ADD's token heads); "
         "false: the reward head alone (paper).",
     )
+    grad_guidance_scale: float | None = Field(
+        None,
+        ge=1.0,
+        description="CFG scale of this stage's UNet call with gradients, the x0 prediction the "
+        "generator and the discriminator see; 7.5: the guided prediction that few-step "
+        "inference makes. null: trainer.grad_guidance_scale.",
+    )
     discriminator_unet_features: bool = Field(
         False,
         description="Add to the discriminator heads on the features of a frozen copy of the "
@@ -758,11 +765,15 @@ class Params(Section):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
+    def stage_value(self, stage: str, key: str) -> Any:
+        """A trainer setting as `stage` uses it: the stage's own `key` where it has one set,
+        else `trainer.<key>`."""
+        own = getattr(getattr(self, stage, None), key, None)
+        return getattr(self.trainer, key) if own is None else own
+
     def mse_weight(self, stage: str) -> float:
-        """The MSE regulariser's weight in `stage`: the stage's own `mse_weight` where it has
-        one set, else `trainer.mse_weight`."""
-        own = getattr(getattr(self, stage, None), "mse_weight", None)
-        return self.trainer.mse_weight if own is None else own
+        """The MSE regulariser's weight in `stage` (`stage_value`)."""
+        return self.stage_value(stage, "mse_weight")
 
 
 def preset_path(name: str) -> Path:

@@ -36,6 +36,16 @@ def test_a_stage_mse_weight_overrides_the_trainer_one_for_that_stage_only():
     assert [params.mse_weight(s) for s in ("pefl", "decoupled", "adversarial")] == [0, 0.02, 0]
 
 
+def test_the_adversarial_grad_guidance_scale_overrides_the_trainer_one_for_that_stage_only():
+    stages = ("pefl", "decoupled", "adversarial")
+    params = load_params(None, overrides=["trainer.grad_guidance_scale=3"])
+    assert [params.stage_value(s, "grad_guidance_scale") for s in stages] == [3, 3, 3]
+    params = load_params(None, overrides=["adversarial.grad_guidance_scale=7.5"])
+    assert [params.stage_value(s, "grad_guidance_scale") for s in stages] == [1, 1, 7.5]
+    with pytest.raises(ConfigError, match="adversarial.grad_guidance_scale"):
+        load_params(None, overrides=["adversarial.grad_guidance_scale=0.5"])
+
+
 def test_unknown_key_names_the_key_and_the_file(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("pefl:\n  stpes: 7\n")

@@ -625,6 +625,7 @@ class FeedbackTrainer:
         self.params = params
         self.config = params.trainer
         self.mse_weight = params.mse_weight(self.stage_name)
+        self.grad_guidance_scale = float(params.stage_value(self.stage_name, "grad_guidance_scale"))
         self.out_dir = Path(out_dir)
         self.steps = int(steps)
         self.metrics_callback = metrics_callback
@@ -869,7 +870,7 @@ class FeedbackTrainer:
     def prompt_embeds(self, prompts: list[str]) -> tuple[PromptEmbeds, PromptEmbeds | None]:
         """Conditional and unconditional embeddings (the latter only when guidance needs it)."""
         embeds = encode_prompt(self.model, prompts).detach()
-        needs_uncond = self.config.guidance_scale != 1.0 or self.config.grad_guidance_scale != 1.0
+        needs_uncond = self.config.guidance_scale != 1.0 or self.grad_guidance_scale != 1.0
         uncond = unconditional_embeds(self.model, len(prompts)).detach() if needs_uncond else None
         return embeds, uncond
 
@@ -892,7 +893,7 @@ class FeedbackTrainer:
             embeds,
             uncond,
             guidance_scale=self.config.guidance_scale,
-            grad_guidance_scale=self.config.grad_guidance_scale,
+            grad_guidance_scale=self.grad_guidance_scale,
             truncate=truncate,
             # Block-level checkpointing is the UNet's own; whole-call checkpointing only pays
             # when more than one call keeps its graph.
