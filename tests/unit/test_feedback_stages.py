@@ -202,23 +202,30 @@ def test_unet_feature_discriminator_starts_as_the_reward_head_and_reads_the_late
     # Positions and levels are averaged: heads that score every position 1 add exactly 1.
     with torch.no_grad():
         for head in discriminator.heads:
-            head[-1].bias.fill_(1.0)
+            head.out.bias.fill_(1.0)
         shifted = discriminator(images, prompts=prompts, **inputs)["detail"]
     torch.testing.assert_close(shifted, expected + 1.0)
     # The heads read the latents: other latents, other scores (weights off zero).
     with torch.no_grad():
         for head in discriminator.heads:
-            head[-1].weight.normal_(generator=torch.Generator().manual_seed(1))
+            head.out.weight.normal_(generator=torch.Generator().manual_seed(1))
         scored = discriminator(images, prompts=prompts, **inputs)["detail"]
         moved = dict(inputs, latents=inputs["latents"] + 1.0)
         other = discriminator(images, prompts=prompts, **moved)["detail"]
     assert float((scored - other).abs().min()) > 1e-4
+    # The caption's embedding enters the heads through their text projection too.
+    with torch.no_grad():
+        for head in discriminator.heads:
+            head.text.weight.normal_(generator=torch.Generator().manual_seed(2))
+        projected = discriminator(images, prompts=prompts, **inputs)["detail"]
+    assert float((projected - scored).abs().min()) > 1e-4
     # The gradient reaches the heads, the reward head and the latents, never the frozen UNet.
     latents = inputs["latents"].clone().requires_grad_(True)
     discriminator(images, prompts=prompts, **dict(inputs, latents=latents))[
         "detail"
     ].sum().backward()
-    assert float(discriminator.heads[0][-1].weight.grad.abs().sum()) > 0
+    assert float(discriminator.heads[0].out.weight.grad.abs().sum()) > 0
+    assert float(discriminator.heads[0].text.weight.grad.abs().sum()) > 0
     assert float(discriminator.inner.heads["detail"][0].weight.grad.abs().sum()) > 0
     assert float(latents.grad.abs().sum()) > 0
     assert all(p.grad is None and not p.requires_grad for p in discriminator.unet.parameters())
@@ -247,9 +254,34 @@ def test_adversarial_with_unet_features_saves_the_heads_and_applies_r1(inputs, t
     assert DecoupledRewardModel.load(result.discriminator_dir).dimensions == ("detail",)
     heads = load_file(str(result.discriminator_dir / FEATURE_HEADS_FILE))
     # One discriminator step moved every head's last layer off its zero start.
-    last_layers = [name for name in heads if name.endswith(".2.weight")]
-    assert len(last_layers) == 4
+    last_layers = [name for name in heads if name.endswith((".out.weight", ".text.weight"))]
+    assert len(last_layers) == 8
     assert all(float(heads[name].abs().sum()) > 0 for name in last_layers)
+
+
+def test_the_adversarial_stage_takes_its_own_grad_guidance_scale(inputs):
+    from unifl.feedback.adversarial import AdversarialTrainer
+    from unifl.feedback.stages import load_image_data, load_reward, load_stage_model
+
+    def trainer(*settings: str) -> AdversarialTrainer:
+        p = params(*settings)
+        return AdversarialTrainer(
+            load_stage_model(p, inputs / "base"),
+            load_image_data(inputs / "data"),
+            load_reward(inputs / "reward"),
+            p,
+            inputs / "unused",
+            progress=False,
+        )
+
+    assert trainer().grad_guidance_scale == 1.0
+    guided = trainer("adversarial.grad_guidance_scale=7.5")
+    assert guided.grad_guidance_scale == 7.5
+    # The guided gradient step needs the unconditional branch even without no-grad guidance.
+    embeds, uncond = trainer(
+        "trainer.guidance_scale=1", "adversarial.grad_guidance_scale=7.5"
+    ).prompt_embeds(["a red circle"])
+    assert uncond is not None and len(uncond) == 1
 
 
 def test_cli_stage_decoupled_resumes_and_names_bad_inputs(tmp_path):

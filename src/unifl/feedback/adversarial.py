@@ -206,12 +206,30 @@ class _FeaturesTaken(Exception):
     """Raised by the mid block's hook: the UNet's up path is not needed for the features."""
 
 
-def _feature_head(channels: int) -> nn.Sequential:
-    hidden = max(16, channels // 4)
-    head = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.SiLU(), nn.Conv2d(hidden, 1, 1))
-    nn.init.zeros_(head[-1].weight)
-    nn.init.zeros_(head[-1].bias)
-    return head
+class FeatureHead(nn.Module):
+    """Scores every position of a feature map, conditioned on the caption.
+
+    `h = SiLU(conv1x1(f))`; the logit at a position is `w . h + b` plus, as in a
+    projection discriminator (and ADD's heads), `h . P t` with `t` the caption's
+    embedding: the head can judge whether what is at a position fits the
+    caption, not only whether it looks real. Both output layers start at zero.
+    Returns the mean logit over positions, one per row.
+    """
+
+    def __init__(self, channels: int, text_dim: int) -> None:
+        super().__init__()
+        hidden = max(16, channels // 4)
+        self.hidden = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.SiLU())
+        self.out = nn.Conv2d(hidden, 1, 1)
+        self.text = nn.Linear(text_dim, hidden)
+        for layer in (self.out, self.text):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, features: Tensor, text: Tensor) -> Tensor:
+        hidden = self.hidden(features)
+        logits = self.out(hidden).squeeze(1) + torch.einsum("nchw,nc->nhw", hidden, self.text(text))
+        return logits.flatten(1).mean(1)
 
 
 class UNetFeatureDiscriminator(nn.Module):
@@ -228,8 +246,8 @@ class UNetFeatureDiscriminator(nn.Module):
     and a 1x1-convolution head scores every position of each down block's
     last feature map before downsampling and of the mid block's output. The
     mean over positions and levels is added to the inner discriminator's logit
-    (the reward head, or a `PatchDiscriminator`). The heads' last layers start
-    at zero, so at step 0 r_a is the reward model's score, as the paper has it.
+    (the reward head, or a `PatchDiscriminator`). Each head is conditioned on
+    the caption (`FeatureHead`). The heads' output layers start at zero, so at step 0 r_a is the reward model's score, as the paper has it.
 
     The frozen UNet is a copy taken before the trainer adds LoRA to the model,
     kept in fp32 and in eval mode (for SDXL a second UNet of about 10 GB); only
@@ -271,7 +289,8 @@ class UNetFeatureDiscriminator(nn.Module):
         self.unet.mid_block.register_forward_hook(self._take_mid)
         channels = [int(block.resnets[-1].out_channels) for block in self.unet.down_blocks]
         channels.append(int(self.unet.config.block_out_channels[-1]))
-        self.heads = nn.ModuleList(_feature_head(c) for c in channels)
+        text_dim = int(model.unet.config.cross_attention_dim)
+        self.heads = nn.ModuleList(FeatureHead(c, text_dim) for c in channels)
 
     def _take_down(self, block: nn.Module, _inputs: Any, output: Any) -> None:
         _hidden, states = output
@@ -331,9 +350,10 @@ class UNetFeatureDiscriminator(nn.Module):
             raise ValueError(f"the discriminator scores {self.dimension!r} only, not {dimensions}")
         score = self.inner(images, prompts=prompts, dimensions=[self.dimension])[self.dimension]
         features = self.features(latents, embeds, generator)
-        levels = [
-            head(f.float()).flatten(1).mean(1) for head, f in zip(self.heads, features, strict=True)
-        ]
+        # The caption's embedding for the heads: the mean of the UNet's text conditioning
+        # over the tokens (SD1.5 has no pooled embedding).
+        text = embeds.prompt_embeds.float().mean(1)
+        levels = [head(f.float(), text) for head, f in zip(self.heads, features, strict=True)]
         return {self.dimension: score + torch.stack(levels).mean(0).to(score.dtype)}
 
     def save(self, directory: str | Path) -> None:
