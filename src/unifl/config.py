@@ -548,6 +548,15 @@ class AdversarialConfig(Section):
         "encoder, averaged beside the reward head's logit (PatchGAN, ADD's token heads); "
         "false: the reward head alone (paper).",
     )
+    real_aesthetic_quantile: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Keep as real images for the discriminator (and the noised start latents) "
+        "only those whose aesthetic score is at or above this quantile of the data's: the mean "
+        "over decoupled.weights' dimensions of the reward model's rewards, each standardised over "
+        "the data (the paper: LAION aesthetic > 5). 0: every image.",
+    )
     grad_guidance_scale: float | None = Field(
         None,
         ge=1.0,

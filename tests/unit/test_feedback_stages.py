@@ -235,6 +235,27 @@ def test_unet_feature_discriminator_starts_as_the_reward_head_and_reads_the_late
         make_discriminator(reward, "detail", feature_model=model, feature_max_timestep=1000)
 
 
+def test_the_discriminator_heads_are_drawn_from_the_seed_not_the_process_state():
+    from unifl.feedback.adversarial import make_discriminator
+
+    model = build_toy_model("toy-sd15")
+    reward = build_toy_reward_model()
+
+    def first_layers(seed: int) -> list[torch.Tensor]:
+        made = make_discriminator(reward, "detail", True, feature_model=model, seed=seed)
+        layers = [head.hidden[0].weight for head in made.heads]
+        return [made.inner.patch_head[0].weight, *layers]
+
+    torch.manual_seed(1)
+    first = first_layers(seed=3)
+    torch.rand(1000)  # another process history
+    again = first_layers(seed=3)
+    for a, b in zip(first, again, strict=True):
+        torch.testing.assert_close(a, b)
+    other = first_layers(seed=4)
+    assert not torch.equal(first[1], other[1])
+
+
 def test_adversarial_with_unet_features_saves_the_heads_and_applies_r1(inputs, tmp_path):
     from safetensors.torch import load_file
 
@@ -282,6 +303,36 @@ def test_the_adversarial_stage_takes_its_own_grad_guidance_scale(inputs):
         "trainer.guidance_scale=1", "adversarial.grad_guidance_scale=7.5"
     ).prompt_embeds(["a red circle"])
     assert uncond is not None and len(uncond) == 1
+
+
+def test_the_aesthetic_subset_keeps_the_images_the_reward_model_scores_highest(inputs):
+    from unifl.feedback.adversarial import aesthetic_subset
+    from unifl.feedback.pefl import collate_images
+    from unifl.feedback.stages import load_image_data, load_reward
+
+    data = load_image_data(inputs / "data")
+    reward = load_reward(inputs / "reward")
+    batch = collate_images([data[i] for i in range(len(data))])
+    with torch.no_grad():
+        color = reward(batch.images, prompts=batch.captions, dimensions=["color"])["color"]
+    kept = aesthetic_subset(data, reward, {"color": 1.0}, 0.5, batch_size=3)
+    assert len(kept) == len(data) // 2
+    dropped = sorted(set(range(len(data))) - set(kept.indices))
+    assert float(color[kept.indices].min()) > float(color[dropped].max())
+    # The subset serves the images themselves.
+    torch.testing.assert_close(kept[0]["image"], data[kept.indices[0]]["image"])
+
+
+def test_adversarial_trains_on_the_high_aesthetic_real_images(inputs, tmp_path):
+    result = run_adversarial(
+        params("adversarial.real_aesthetic_quantile=0.5"),
+        inputs / "base",
+        inputs / "data",
+        inputs / "reward",
+        tmp_path / "adv",
+        progress=False,
+    )
+    assert "final_d_loss" in json.loads((result.out_dir / "metrics.json").read_text())
 
 
 def test_cli_stage_decoupled_resumes_and_names_bad_inputs(tmp_path):

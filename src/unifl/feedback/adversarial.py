@@ -61,6 +61,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -87,6 +88,7 @@ if TYPE_CHECKING:
     from unifl.models.reward import DecoupledRewardModel
 
 DISCRIMINATOR_DIR = "discriminator"
+logger = logging.getLogger(__name__)
 
 
 def schedule_steps(params: Params) -> int:
@@ -378,24 +380,73 @@ def make_discriminator(
     patches: bool = False,
     feature_model: BaseModel | None = None,
     feature_max_timestep: int = 500,
+    seed: int = 0,
 ) -> nn.Module:
     """A trainable copy of the reward model's backbone and `dimension` head (paper: detail);
     with `patches`, wrapped in a `PatchDiscriminator`; with `feature_model`, in a
-    `UNetFeatureDiscriminator` on a frozen copy of that model's UNet."""
+    `UNetFeatureDiscriminator` on a frozen copy of that model's UNet.
+
+    The new heads' weights are drawn from `seed`, not from whatever the process's random
+    state holds, so that a stage run gives the same discriminator in any process."""
     if dimension not in reward_model.dimensions:
         raise ValueError(
             f"adversarial.discriminator_dimension {dimension!r}: the reward model has no such head "
             f"(it has {list(reward_model.dimensions)})"
         )
     discriminator = reward_model.select_dimensions([dimension])
-    if patches:
-        discriminator = PatchDiscriminator(discriminator, dimension)
-    if feature_model is not None:
-        discriminator = UNetFeatureDiscriminator(
-            discriminator, dimension, feature_model, feature_max_timestep
-        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if patches:
+            discriminator = PatchDiscriminator(discriminator, dimension)
+        if feature_model is not None:
+            discriminator = UNetFeatureDiscriminator(
+                discriminator, dimension, feature_model, feature_max_timestep
+            )
     discriminator.requires_grad_(True)
     return discriminator
+
+
+@torch.no_grad()
+def aesthetic_subset(
+    data: Any,
+    reward_model: DecoupledRewardModel,
+    weights: dict[str, float],
+    quantile: float,
+    batch_size: int = 64,
+) -> torch.utils.data.Subset:
+    """The real images whose aesthetic score is at or above `quantile` of the data's.
+
+    The score is the `weights`-weighted mean of the reward model's rewards (with
+    each image's own caption), each dimension standardised over the data, so
+    that no dimension counts by its scale. The paper trains this stage on
+    high-aesthetic real images (LAION aesthetic > 5): a discriminator that
+    learns "real" from images below the preferences pulls the generator back
+    from them.
+    """
+    count = len(data)
+    rewards: dict[str, list[Tensor]] = {dim: [] for dim in weights}
+    for start in range(0, count, batch_size):
+        batch = collate_images([data[i] for i in range(start, min(start + batch_size, count))])
+        scores = reward_model(
+            batch.images.to(reward_model.device, reward_model.dtype),
+            prompts=batch.captions,
+            dimensions=list(weights),
+        )
+        for dim in weights:
+            rewards[dim].append(scores[dim].float().cpu())
+    total = sum(weights.values())
+    score = torch.zeros(count)
+    for dim, weight in weights.items():
+        values = torch.cat(rewards[dim])
+        score += weight / total * (values - values.mean()) / values.std().clamp_min(1e-8)
+    keep = torch.nonzero(score >= torch.quantile(score, quantile)).flatten().tolist()
+    logger.info(
+        "adversarial: %d of %d real images at or above aesthetic quantile %.2f",
+        len(keep),
+        count,
+        quantile,
+    )
+    return torch.utils.data.Subset(data, keep)
 
 
 class AdversarialTrainer(FeedbackTrainer):
@@ -426,12 +477,20 @@ class AdversarialTrainer(FeedbackTrainer):
         config = params.adversarial
         self.start_step, self.min_step, self.max_step = adversarial_steps(params)
         check_image_data(data, model, "adversarial data")
+        if config.real_aesthetic_quantile > 0:
+            data = aesthetic_subset(
+                data,
+                reward_model,
+                resolve_aesthetic_weights(params.decoupled.weights, reward_model),
+                config.real_aesthetic_quantile,
+            )
         discriminator = make_discriminator(
             reward_model,
             config.discriminator_dimension,
             config.discriminator_patches,
             feature_model=model if config.discriminator_unet_features else None,
             feature_max_timestep=config.discriminator_feature_max_timestep,
+            seed=params.project.seed,
         )
         super().__init__(
             model,
