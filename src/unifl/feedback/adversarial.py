@@ -249,14 +249,16 @@ class UNetFeatureDiscriminator(nn.Module):
     last feature map before downsampling and of the mid block's output. The
     mean over positions and levels is added to the inner discriminator's logit
     (the reward head, or a `PatchDiscriminator`). Each head is conditioned on
-    the caption (`FeatureHead`). The heads' output layers start at zero, so at step 0 r_a is the reward model's score, as the paper has it.
+    the caption (`FeatureHead`). The heads' output layers start at zero, so at
+    step 0 r_a is the reward model's score, as the paper has it.
 
     The frozen UNet is a copy taken before the trainer adds LoRA to the model,
     kept in fp32 and in eval mode (for SDXL a second UNet of about 10 GB); only
     the inner discriminator and the heads train. A step runs it down to the
     mid block three times (real and generated latents for the discriminator,
-    generated ones for the generator), the up path being skipped. Called with `latents` (scaled, as the UNet sees them) and `embeds`
-    (`encode_prompt`) besides the images; `generator` draws the noise and the
+    generated ones for the generator), the up path being skipped. Called with
+    `latents` (scaled, as the UNet sees them) and `embeds` (`encode_prompt`)
+    besides the images; `generator` draws the noise and the
     timesteps (a fixed seed when none is given, so that scoring is repeatable).
     """
 
@@ -421,7 +423,8 @@ def aesthetic_subset(
     that no dimension counts by its scale. The paper trains this stage on
     high-aesthetic real images (LAION aesthetic > 5): a discriminator that
     learns "real" from images below the preferences pulls the generator back
-    from them.
+    from them (in the toy world the top half did not keep decoupled FL's colour:
+    docs/toy-world-results.md).
     """
     count = len(data)
     rewards: dict[str, list[Tensor]] = {dim: [] for dim in weights}
@@ -526,7 +529,7 @@ class AdversarialTrainer(FeedbackTrainer):
         return {"latents": latents, "embeds": embeds, "generator": generator}
 
     def _scores_without_parameter_gradients(
-        self, images: Tensor, prompts: list[str], inputs: dict[str, Any]
+        self, images: Tensor, prompts: list[str], inputs: dict[str, Any] | None = None
     ) -> Tensor:
         """r_a(images, c) with the discriminator's parameters detached (the generator's view)."""
         from torch.func import functional_call
@@ -536,7 +539,7 @@ class AdversarialTrainer(FeedbackTrainer):
             self.discriminator,
             detached,
             (images,),
-            {"prompts": prompts, "dimensions": [self.dimension], **inputs},
+            {"prompts": prompts, "dimensions": [self.dimension], **(inputs or {})},
         )
         return scores[self.dimension]
 
