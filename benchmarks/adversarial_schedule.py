@@ -17,7 +17,8 @@ table's reward model) and evaluates the base model and each result on the
 held-out toy captions. It prints, at 4 and at 20 steps, caption-match,
 Fréchet distance and extra objects (mean ± std over seeds), and the share of
 the base model's 4-vs-20-step gap that each schedule closes (the toy table's
-criterion), on the mean and per seed.
+criterion), on the mean and per seed; the oracle color and lighting (what the
+stage keeps of decoupled FL's gains); and the training's seconds.
 With `--start` the stage starts from the decoupled model of a finished toy
 table's run of the same seed, as the table's adversarial stage does, so a
 setting can be tried on the table's own starting point without training
@@ -44,6 +45,10 @@ from toy_table import (
 )
 
 METRICS = ("caption_match", "frechet", "extra_objects")
+ORACLES = (
+    "oracle_color",
+    "oracle_lighting",
+)  # printed beside them: what the stage keeps of decoupled FL
 TREND_WINDOW = 100  # steps at each end of a run over which the discriminator's logit is averaged
 
 
@@ -65,7 +70,7 @@ def run_one(
     model = boot.base_model_dir if start is None else decoupled_model(start, seed)
     result = run_adversarial(seeded, model, boot.train_data_dir, reward, stage_dir, progress=False)
     summary = evaluate(seeded, boot, reward, result.model_dir, run_dir / f"eval-{schedule}")
-    return summary | discriminator_trend(stage_dir / "history.csv")
+    return summary | history_figures(stage_dir / "history.csv")
 
 
 def decoupled_model(table: Path, seed: int) -> Path:
@@ -73,10 +78,11 @@ def decoupled_model(table: Path, seed: int) -> Path:
     return table / f"seed-{seed}" / "decoupled" / "model"
 
 
-def discriminator_trend(history: Path) -> dict[str, float]:
-    """The discriminator's mean logit on generated images over the first and the last
-    TREND_WINDOW steps of a run, and its accuracy over the last: whether it runs away from the
-    generator."""
+def history_figures(history: Path) -> dict[str, float]:
+    """From a run's history: the discriminator's mean logit on generated images over the first
+    and the last TREND_WINDOW steps, and its accuracy over the last (whether it runs away from
+    the generator); and the seconds its steps took, summed, which a run resumed at its end
+    keeps (its metrics.json then times the resumed run)."""
     import pandas as pd
 
     rows = pd.read_csv(history).sort_values("step")
@@ -85,6 +91,7 @@ def discriminator_trend(history: Path) -> dict[str, float]:
         "d_fake_first": float(first["d_fake"].mean()),
         "d_fake_last": float(last["d_fake"].mean()),
         "d_accuracy_last": float(last["d_accuracy"].mean()),
+        "train_seconds": float(rows["seconds"].sum()),
     }
 
 
@@ -151,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                 for metric in METRICS
             )
             print(f"{'':<30}gap closed per seed: " + ", ".join(per_seed))
+        oracles = (f"{m} {cell(variant, f'{m}_{n}steps')} ({n})" for m in ORACLES for n in (4, 20))
+        print(f"{'':<30}" + ", ".join(oracles))
     for variant in args.schedules:
         first, last, accuracy = (
             cell(variant, key) for key in ("d_fake_first", "d_fake_last", "d_accuracy_last")
@@ -158,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{variant}-step schedule: discriminator logit on generated images, first "
             f"{TREND_WINDOW} steps {first}, last {TREND_WINDOW} {last}; accuracy over the last "
-            f"{TREND_WINDOW} {accuracy}"
+            f"{TREND_WINDOW} {accuracy}; training {cell(variant, 'train_seconds')} s"
         )
     return 0
 

@@ -59,6 +59,34 @@ def params(*extra: str):
     return load_params(None, overrides=[*STAGE_SETTINGS, *extra])
 
 
+def adversarial_run(inputs: Path, tmp_path: Path, *settings: str):
+    """One adversarial stage run on the fixture's model, images and reward model."""
+    return run_adversarial(
+        params(*settings),
+        inputs / "base",
+        inputs / "data",
+        inputs / "reward",
+        tmp_path / "adv",
+        progress=False,
+    )
+
+
+def adversarial_trainer(inputs: Path, *settings: str):
+    """The adversarial stage's trainer on the fixture's inputs, not yet trained."""
+    from unifl.feedback.adversarial import AdversarialTrainer
+    from unifl.feedback.stages import load_image_data, load_reward, load_stage_model
+
+    p = params(*settings)
+    return AdversarialTrainer(
+        load_stage_model(p, inputs / "base"),
+        load_image_data(inputs / "data"),
+        load_reward(inputs / "reward"),
+        p,
+        inputs / "unused",
+        progress=False,
+    )
+
+
 def check_common_outputs(out: Path, stage: str, family: str) -> dict:
     model = load_base_model(out / "model")
     assert model.family == family
@@ -116,14 +144,7 @@ def test_decoupled_runs_one_step_with_the_mse_regulariser(inputs, tmp_path, weig
 
 def test_adversarial_runs_one_step_and_samples_in_four_trailing_steps(inputs, tmp_path):
     family = load_base_model(inputs / "base").family
-    result = run_adversarial(
-        params(),
-        inputs / "base",
-        inputs / "data",
-        inputs / "reward",
-        tmp_path / "adv",
-        progress=False,
-    )
+    result = adversarial_run(inputs, tmp_path)
     metrics = check_common_outputs(result.out_dir, "adversarial", family)
     assert {"final_d_loss", "final_g_loss", "final_d_accuracy"} <= set(metrics)
     assert {"reward_detail_4steps", "reward_detail_5steps", "discriminator_4steps"} <= set(metrics)
@@ -168,14 +189,7 @@ def test_adversarial_with_the_patch_discriminator_saves_both_heads(inputs, tmp_p
 
     from unifl.feedback.adversarial import PATCH_HEAD_FILE
 
-    result = run_adversarial(
-        params("adversarial.discriminator_patches=true"),
-        inputs / "base",
-        inputs / "data",
-        inputs / "reward",
-        tmp_path / "adv",
-        progress=False,
-    )
+    result = adversarial_run(inputs, tmp_path, "adversarial.discriminator_patches=true")
     assert "final_d_loss" in json.loads((result.out_dir / "metrics.json").read_text())
     assert DecoupledRewardModel.load(result.discriminator_dir).dimensions == ("detail",)
     head = load_file(str(result.discriminator_dir / PATCH_HEAD_FILE))
@@ -229,8 +243,13 @@ def test_unet_feature_discriminator_starts_as_the_reward_head_and_reads_the_late
     assert float(discriminator.inner.heads["detail"][0].weight.grad.abs().sum()) > 0
     assert float(latents.grad.abs().sum()) > 0
     assert all(p.grad is None and not p.requires_grad for p in discriminator.unet.parameters())
-    # A copy: training the base model's UNet leaves the discriminator's features as they were.
-    assert discriminator.unet is not model.unet
+    # A copy: changing the base model's UNet leaves the discriminator's scores as they were.
+    with torch.no_grad():
+        before = discriminator(images, prompts=prompts, **inputs)["detail"]
+        for parameter in model.unet.parameters():
+            parameter.add_(0.1)
+        after = discriminator(images, prompts=prompts, **inputs)["detail"]
+    torch.testing.assert_close(after, before)
     with pytest.raises(ValueError, match="max_timestep"):
         make_discriminator(reward, "detail", feature_model=model, feature_max_timestep=1000)
 
@@ -261,13 +280,8 @@ def test_adversarial_with_unet_features_saves_the_heads_and_applies_r1(inputs, t
 
     from unifl.feedback.adversarial import FEATURE_HEADS_FILE
 
-    result = run_adversarial(
-        params("adversarial.discriminator_unet_features=true", "adversarial.r1_weight=1"),
-        inputs / "base",
-        inputs / "data",
-        inputs / "reward",
-        tmp_path / "adv",
-        progress=False,
+    result = adversarial_run(
+        inputs, tmp_path, "adversarial.discriminator_unet_features=true", "adversarial.r1_weight=1"
     )
     metrics = json.loads((result.out_dir / "metrics.json").read_text())
     assert {"final_d_loss", "discriminator_4steps"} <= set(metrics)
@@ -281,19 +295,8 @@ def test_adversarial_with_unet_features_saves_the_heads_and_applies_r1(inputs, t
 
 
 def test_the_adversarial_stage_takes_its_own_grad_guidance_scale(inputs):
-    from unifl.feedback.adversarial import AdversarialTrainer
-    from unifl.feedback.stages import load_image_data, load_reward, load_stage_model
-
-    def trainer(*settings: str) -> AdversarialTrainer:
-        p = params(*settings)
-        return AdversarialTrainer(
-            load_stage_model(p, inputs / "base"),
-            load_image_data(inputs / "data"),
-            load_reward(inputs / "reward"),
-            p,
-            inputs / "unused",
-            progress=False,
-        )
+    def trainer(*settings: str):
+        return adversarial_trainer(inputs, *settings)
 
     assert trainer().grad_guidance_scale == 1.0
     guided = trainer("adversarial.grad_guidance_scale=7.5")
@@ -323,16 +326,21 @@ def test_the_aesthetic_subset_keeps_the_images_the_reward_model_scores_highest(i
     torch.testing.assert_close(kept[0]["image"], data[kept.indices[0]]["image"])
 
 
-def test_adversarial_trains_on_the_high_aesthetic_real_images(inputs, tmp_path):
-    result = run_adversarial(
-        params("adversarial.real_aesthetic_quantile=0.5"),
-        inputs / "base",
-        inputs / "data",
-        inputs / "reward",
-        tmp_path / "adv",
-        progress=False,
-    )
-    assert "final_d_loss" in json.loads((result.out_dir / "metrics.json").read_text())
+def test_adversarial_trains_on_the_high_aesthetic_real_images(inputs):
+    from unifl.feedback.adversarial import aesthetic_subset
+    from unifl.feedback.decoupled import resolve_aesthetic_weights
+    from unifl.feedback.stages import load_image_data, load_reward
+
+    trainer = adversarial_trainer(inputs, "adversarial.real_aesthetic_quantile=0.5")
+    data, reward = load_image_data(inputs / "data"), load_reward(inputs / "reward")
+    weights = resolve_aesthetic_weights(params().decoupled.weights, reward)
+    kept = aesthetic_subset(data, reward, weights, 0.5)
+    assert len(trainer.data_set) == len(kept) == len(data) // 2
+    assert trainer.data_set.indices == kept.indices
+    # Its batches come from the kept images only.
+    captions = {data[i]["caption"] for i in kept.indices}
+    assert set(trainer.batch(0).captions) <= captions
+    assert len(adversarial_trainer(inputs).data_set) == len(data)
 
 
 def test_cli_stage_decoupled_resumes_and_names_bad_inputs(tmp_path):

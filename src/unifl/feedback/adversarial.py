@@ -79,7 +79,7 @@ from unifl.feedback.trainer import (
     MetricsCallback,
     StepOutput,
 )
-from unifl.models.base import PromptEmbeds
+from unifl.models.base import PromptEmbeds, encode_prompt, predict_noise
 from unifl.models.reward import RewardHead, fuse_features
 
 if TYPE_CHECKING:
@@ -137,6 +137,34 @@ def double_backward_attention(enabled: bool) -> contextlib.AbstractContextManage
 PATCH_HEAD_FILE = "patch_head.safetensors"
 
 
+def check_dimension(dimension: str, dimensions: Sequence[str] | None) -> None:
+    """A discriminator scores its one dimension; asking it for others is an error."""
+    if dimensions is not None and list(dimensions) != [dimension]:
+        raise ValueError(f"the discriminator scores {dimension!r} only, not {dimensions}")
+
+
+def save_with_heads(
+    directory: str | Path,
+    inner: nn.Module,
+    heads: nn.Module,
+    file_name: str,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """`inner.save` and `heads`' weights in `file_name`, replacing `directory` as a whole, so
+    that an interrupted export leaves no discriminator without its heads."""
+    from safetensors.torch import save_file
+
+    from unifl.io import atomic_directory
+
+    weights = {
+        name: tensor.detach().to("cpu", torch.float32).contiguous()
+        for name, tensor in heads.state_dict().items()
+    }
+    with atomic_directory(directory) as tmp:
+        inner.save(tmp)
+        save_file(weights, str(tmp / file_name), metadata={"format": "pt", **(metadata or {})})
+
+
 class PatchDiscriminator(nn.Module):
     """r_a with a second head that scores every patch token of the image encoder.
 
@@ -171,8 +199,7 @@ class PatchDiscriminator(nn.Module):
         prompts: Sequence[str],
         dimensions: Sequence[str] | None = None,
     ) -> dict[str, Tensor]:
-        if dimensions is not None and list(dimensions) != [self.dimension]:
-            raise ValueError(f"the discriminator scores {self.dimension!r} only, not {dimensions}")
+        check_dimension(self.dimension, dimensions)
         model = self.reward_model
         backbone = model.backbone
         vision = backbone.vision_model(pixel_values=model.preprocess(images))
@@ -188,17 +215,7 @@ class PatchDiscriminator(nn.Module):
 
     def save(self, directory: str | Path) -> None:
         """The reward model's files and the patch head, replacing `directory` as a whole."""
-        from safetensors.torch import save_file
-
-        from unifl.io import atomic_directory
-
-        weights = {
-            name: tensor.detach().to("cpu", torch.float32).contiguous()
-            for name, tensor in self.patch_head.state_dict().items()
-        }
-        with atomic_directory(directory) as tmp:
-            self.reward_model.save(tmp)
-            save_file(weights, str(tmp / PATCH_HEAD_FILE), metadata={"format": "pt"})
+        save_with_heads(directory, self.reward_model, self.patch_head, PATCH_HEAD_FILE)
 
 
 FEATURE_HEADS_FILE = "unet_feature_heads.safetensors"
@@ -319,17 +336,13 @@ class UNetFeatureDiscriminator(nn.Module):
         self, latents: Tensor, embeds: Any, generator: torch.Generator | None
     ) -> list[Tensor]:
         """The frozen UNet's feature maps of `latents` noised to random timesteps."""
-        from unifl.models.base import predict_noise
-
         # Drawn on the CPU, as the trainer draws its noise: the same numbers on any device.
         if generator is None:
             generator = torch.Generator().manual_seed(0)
         steps = torch.randint(0, self.max_timestep + 1, (latents.shape[0],), generator=generator)
         noise = torch.randn(latents.shape, generator=generator)
-        alpha = self.alphas_cumprod[steps].view(-1, 1, 1, 1)
-        noisy = alpha.sqrt().to(latents) * latents + (1 - alpha).sqrt().to(latents) * noise.to(
-            latents
-        )
+        alpha = self.alphas_cumprod[steps].view(-1, 1, 1, 1).to(latents)
+        noisy = noise_latents(latents, noise.to(latents), alpha)
         self._features = []
         with contextlib.suppress(_FeaturesTaken):
             predict_noise(self._model, noisy, steps, embeds)
@@ -350,8 +363,7 @@ class UNetFeatureDiscriminator(nn.Module):
         embeds: Any,
         generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
-        if dimensions is not None and list(dimensions) != [self.dimension]:
-            raise ValueError(f"the discriminator scores {self.dimension!r} only, not {dimensions}")
+        check_dimension(self.dimension, dimensions)
         score = self.inner(images, prompts=prompts, dimensions=[self.dimension])[self.dimension]
         features = self.features(latents, embeds, generator)
         # The caption's embedding for the heads: the mean of the UNet's text conditioning
@@ -362,18 +374,8 @@ class UNetFeatureDiscriminator(nn.Module):
 
     def save(self, directory: str | Path) -> None:
         """The inner discriminator's files and the feature heads, replacing `directory`."""
-        from safetensors.torch import save_file
-
-        from unifl.io import atomic_directory
-
-        weights = {
-            name: tensor.detach().to("cpu", torch.float32).contiguous()
-            for name, tensor in self.heads.state_dict().items()
-        }
-        metadata = {"format": "pt", "max_timestep": str(self.max_timestep)}
-        with atomic_directory(directory) as tmp:
-            self.inner.save(tmp)
-            save_file(weights, str(tmp / FEATURE_HEADS_FILE), metadata=metadata)
+        metadata = {"max_timestep": str(self.max_timestep)}
+        save_with_heads(directory, self.inner, self.heads, FEATURE_HEADS_FILE, metadata)
 
 
 def make_discriminator(
@@ -509,6 +511,8 @@ class AdversarialTrainer(FeedbackTrainer):
         )
         self.data_set = data
         self.dimension = config.discriminator_dimension
+        # A UNet-feature discriminator also takes the latents and the UNet's text conditioning.
+        self.reads_latents = config.discriminator_unet_features
         self.weights: dict[str, float] = {}
         if config.aesthetic_weight > 0:
             self.weights = resolve_aesthetic_weights(params.decoupled.weights, reward_model)
@@ -519,14 +523,6 @@ class AdversarialTrainer(FeedbackTrainer):
 
     def batch(self, micro_batch: int) -> ImageBatch:
         return collate_images([self.data_set[i] for i in self.data.indices(micro_batch)])
-
-    def _discriminator_inputs(
-        self, latents: Tensor, embeds: PromptEmbeds, generator: torch.Generator | None
-    ) -> dict[str, Any]:
-        """What a UNet-feature discriminator takes besides the images and captions."""
-        if not isinstance(self.discriminator, UNetFeatureDiscriminator):
-            return {}
-        return {"latents": latents, "embeds": embeds, "generator": generator}
 
     def _scores_without_parameter_gradients(
         self, images: Tensor, prompts: list[str], inputs: dict[str, Any] | None = None
@@ -557,10 +553,10 @@ class AdversarialTrainer(FeedbackTrainer):
         sample = self.feedback(noisy, self.start_step, grad_step, embeds, uncond)
         fake = self.decode(sample.x0_latents)
 
-        fake_latents = sample.x0_latents
-        fake_scores = self._scores_without_parameter_gradients(
-            fake, batch.captions, self._discriminator_inputs(fake_latents, embeds, generator)
-        )
+        fake_inputs: dict[str, Any] = {}
+        if self.reads_latents:
+            fake_inputs = {"latents": sample.x0_latents, "embeds": embeds, "generator": generator}
+        fake_scores = self._scores_without_parameter_gradients(fake, batch.captions, fake_inputs)
         generator_loss = generator_adversarial_loss(fake_scores)
         loss = config.adversarial_weight * generator_loss
         logs: dict[str, float] = {"g_loss": float(generator_loss.detach())}
@@ -579,13 +575,18 @@ class AdversarialTrainer(FeedbackTrainer):
         prepared = self.group("discriminator").prepared
         penalised = config.r1_weight > 0
         real = real.to(fake.dtype).requires_grad_(penalised)
-        real_latents = latents.detach().requires_grad_(penalised)
         both = torch.cat([real, fake.detach()])
-        inputs = self._discriminator_inputs(
-            torch.cat([real_latents, fake_latents.detach().to(real_latents.dtype)]),
-            PromptEmbeds.cat([embeds, embeds]),
-            generator,
-        )
+        penalised_inputs = [real]  # R1 differentiates the real logits with respect to these
+        inputs: dict[str, Any] = {}
+        if self.reads_latents:
+            real_latents = latents.detach().requires_grad_(penalised)
+            penalised_inputs.append(real_latents)
+            fake_latents = sample.x0_latents.detach().to(real_latents.dtype)
+            inputs = {
+                "latents": torch.cat([real_latents, fake_latents]),
+                "embeds": PromptEmbeds.cat([embeds, embeds]),
+                "generator": generator,
+            }
         with double_backward_attention(penalised):
             logits = prepared(
                 both, prompts=batch.captions * 2, dimensions=[self.dimension], **inputs
@@ -593,10 +594,8 @@ class AdversarialTrainer(FeedbackTrainer):
         real_logits, fake_logits = logits[self.dimension].chunk(2)
         d_loss = discriminator_loss(real_logits, fake_logits)
         if penalised:
-            grads = torch.autograd.grad(
-                real_logits.sum(), [real, real_latents], create_graph=True, allow_unused=True
-            )
-            r1 = sum(g.float().pow(2).flatten(1).sum(1).mean() for g in grads if g is not None)
+            grads = torch.autograd.grad(real_logits.sum(), penalised_inputs, create_graph=True)
+            r1 = sum(g.float().pow(2).flatten(1).sum(1).mean() for g in grads)
             d_loss = d_loss + 0.5 * config.r1_weight * r1
             logs["r1"] = float(r1.detach())
         loss = loss + d_loss
@@ -630,7 +629,6 @@ class AdversarialTrainer(FeedbackTrainer):
         Few-step samples use trailing DDIM at `adversarial.inference_steps`; the
         full schedule uses `sampling.timestep_spacing`. Same prompts and seed.
         """
-        from unifl.models.base import encode_prompt
         from unifl.models.sampler import generate
 
         config = self.params.adversarial
@@ -657,7 +655,7 @@ class AdversarialTrainer(FeedbackTrainer):
             for dim, values in rewards.items():
                 metrics[f"reward_{dim}_{steps}steps"] = float(values.float().mean())
             inputs = {}
-            if isinstance(discriminator, UNetFeatureDiscriminator):
+            if self.reads_latents:
                 inputs = {
                     "latents": self.encode(images),
                     "embeds": encode_prompt(self.model, prompts),

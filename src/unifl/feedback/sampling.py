@@ -90,8 +90,9 @@ class FeedbackSchedule:
         return self.final_alpha_cumprod if step == 0 else self.alpha(step - 1)
 
 
-def noise_latents(latents: Tensor, noise: Tensor, alpha_cumprod: float) -> Tensor:
-    """Forward diffusion `x_t = sqrt(abar) x0 + sqrt(1 - abar) eps`."""
+def noise_latents(latents: Tensor, noise: Tensor, alpha_cumprod: float | Tensor) -> Tensor:
+    """Forward diffusion `x_t = sqrt(abar) x0 + sqrt(1 - abar) eps` (`abar` one number, or one
+    per row broadcast over the latents)."""
     return alpha_cumprod**0.5 * latents + (1.0 - alpha_cumprod) ** 0.5 * noise
 
 
