@@ -548,6 +548,20 @@ class AdversarialConfig(Section):
         "encoder, averaged beside the reward head's logit (PatchGAN, ADD's token heads); "
         "false: the reward head alone (paper).",
     )
+    real_images: Literal["data", "samples"] = Field(
+        "data",
+        description="What the discriminator learns as real (and the start latents are noised "
+        "from): 'data', the stage's real images (paper); 'samples', the starting model's own "
+        "samples with the full sampler (sampling.steps, guidance and spacing) of "
+        "real_sample_count of the data's captions, made once before training, as LADD trains "
+        "on its teacher's samples.",
+    )
+    real_sample_count: int = Field(
+        2048,
+        ge=1,
+        description="Captions drawn (by project.seed) from the data for real_images 'samples'; "
+        "the samples are held in memory as uint8.",
+    )
     real_aesthetic_quantile: float = Field(
         0.0,
         ge=0,

@@ -343,6 +343,64 @@ def test_adversarial_trains_on_the_high_aesthetic_real_images(inputs):
     assert len(adversarial_trainer(inputs).data_set) == len(data)
 
 
+SAMPLE_SETTINGS = ("adversarial.real_images=samples", "sampling.steps=3", "sampling.batch_size=2")
+
+
+def test_adversarial_learns_real_from_the_starting_models_own_samples(inputs):
+    from unifl.feedback.adversarial import ModelSamples
+    from unifl.feedback.stages import load_image_data
+    from unifl.feedback.trainer import derive_seed
+
+    trainer = adversarial_trainer(inputs, *SAMPLE_SETTINGS, "adversarial.real_sample_count=3")
+    data = load_image_data(inputs / "data")
+    samples = trainer.data_set
+    assert isinstance(samples, ModelSamples) and len(samples) == 3
+    assert trainer.data.num_items == 3
+    captions = [data[i]["caption"] for i in range(len(data))]
+    assert set(samples.captions) <= set(captions)
+    # They are the starting model's samples at the full sampler (the LoRA adapter starts at
+    # zero), not the data's images.
+    p = params(*SAMPLE_SETTINGS)
+    expected = generate(
+        load_base_model(inputs / "base"),
+        samples.captions,
+        steps=3,
+        guidance_scale=p.sampling.guidance_scale,
+        seed=derive_seed(p.project.seed, 0xAD5, 0),
+        timestep_spacing=p.sampling.timestep_spacing,
+        batch_size=2,
+    )
+    got = torch.stack([samples[i]["image"] for i in range(3)])
+    torch.testing.assert_close(got, expected, atol=1 / 255 + 1e-6, rtol=0)
+    first = captions.index(samples.captions[0])
+    assert (got[0] - data[first]["image"]).abs().mean() > 0.05
+    # A batch of samples has no label maps.
+    batch = trainer.batch(0)
+    assert batch.semantic_masks is None and batch.instance_masks is None
+    assert set(batch.captions) <= set(samples.captions)
+
+
+def test_adversarial_on_samples_keeps_the_top_quantile_and_trains(inputs, tmp_path):
+    settings = (*SAMPLE_SETTINGS, "adversarial.real_sample_count=100")
+    trainer = adversarial_trainer(inputs, *settings, "adversarial.real_aesthetic_quantile=0.5")
+    # At most one sample per caption of the data; the quantile keeps the top half of them.
+    assert len(trainer.data_set) == 2 and trainer.data.num_items == 2
+    result = adversarial_run(inputs, tmp_path, *settings)
+    assert len(result.history) == 1
+    assert {"d_loss", "g_loss", "d_accuracy"} <= set(result.history[0])
+    assert DecoupledRewardModel.load(result.discriminator_dir).dimensions == ("detail",)
+
+
+def test_pefl_names_the_missing_label_maps():
+    from unifl.feedback.pefl import collate_images, perceptual_annotations
+
+    batch = collate_images([{"image": torch.zeros(3, 8, 8), "caption": "a red circle"}])
+    assert batch.semantic_masks is None
+    with pytest.raises(ValueError, match="no label maps"):
+        perceptual_annotations(batch, ["semantic_masks"], torch.device("cpu"))
+    assert perceptual_annotations(batch, ["style_images"], torch.device("cpu"))
+
+
 def test_cli_stage_decoupled_resumes_and_names_bad_inputs(tmp_path):
     root = tmp_path
     save_base_model(build_toy_model("toy-sd15"), root / "base")

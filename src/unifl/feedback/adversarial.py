@@ -39,6 +39,13 @@ range. So the generator and the discriminator see the x0 predictions of the
 few-step sampler's own trajectory, from the states that 4-step inference
 passes through.
 
+`adversarial.real_images: samples` replaces the real images by the starting
+model's own samples of the data's captions at the full sampler
+(`starting_model_samples`, made once before training), as LADD trains its
+discriminator on its teacher's samples: "real" is then what 4-step inference
+should reproduce, the model's own 20-step images with what the earlier stages
+taught it, not the data's look.
+
 `adversarial.start_latents: noise` starts that denoising from pure Gaussian
 noise instead, the input 4-step inference starts from: at t=999 noised real
 latents still carry a little of the image (sqrt(alpha_bar) = 0.07), which
@@ -68,6 +75,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from unifl.feedback.decoupled import add_aesthetic_term, resolve_aesthetic_weights
 from unifl.feedback.losses import discriminator_loss, generator_adversarial_loss
@@ -410,6 +418,65 @@ def make_discriminator(
     return discriminator
 
 
+class ModelSamples(torch.utils.data.Dataset):
+    """Images sampled from a model, with their captions, kept as uint8: real images for `r_a`.
+
+    Items are dicts with `image` (float [3, H, W] in [0, 1]) and `caption`, as
+    the real data set's, without label maps.
+    """
+
+    def __init__(self, images: Tensor, captions: Sequence[str]) -> None:
+        if len(images) != len(captions):
+            raise ValueError(f"{len(images)} images but {len(captions)} captions")
+        self.images = images
+        self.captions = list(captions)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"image": self.images[index].float() / 255.0, "caption": self.captions[index]}
+
+
+@torch.no_grad()
+def starting_model_samples(
+    model: BaseModel, data: Any, count: int, params: Params, progress: bool = True
+) -> ModelSamples:
+    """The starting model's own samples of `count` of the data's captions (drawn by seed).
+
+    They are made with the full sampler (`sampling.steps`, guidance and spacing),
+    the images few-step inference should match: LADD trains its discriminator on
+    the teacher's samples instead of real images. Here the teacher is the model
+    the stage starts from, so "real" carries what the earlier stages taught it
+    (decoupled FL's aesthetics) rather than the real images' look. Call before
+    the model is changed (a LoRA adapter at its zero start changes nothing).
+    """
+    from unifl.feedback.trainer import derive_seed
+    from unifl.models.sampler import generate
+
+    sampling, seed = params.sampling, int(params.project.seed)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    captions = [str(data[int(i)]["caption"]) for i in order[: min(count, len(data))]]
+    chunk = sampling.batch_size * 8
+    images = []
+    for start in tqdm(
+        range(0, len(captions), chunk),
+        desc=f"adversarial: sampling {len(captions)} real images",
+        disable=not progress,
+    ):
+        batch = generate(
+            model,
+            captions[start : start + chunk],
+            steps=sampling.steps,
+            guidance_scale=sampling.guidance_scale,
+            seed=derive_seed(seed, 0xAD5, start),
+            timestep_spacing=sampling.timestep_spacing,
+            batch_size=sampling.batch_size,
+        )
+        images.append((batch.clamp(0, 1) * 255).round().to(torch.uint8))
+    return ModelSamples(torch.cat(images), captions)
+
+
 @torch.no_grad()
 def aesthetic_subset(
     data: Any,
@@ -482,13 +549,6 @@ class AdversarialTrainer(FeedbackTrainer):
         config = params.adversarial
         self.start_step, self.min_step, self.max_step = adversarial_steps(params)
         check_image_data(data, model, "adversarial data")
-        if config.real_aesthetic_quantile > 0:
-            data = aesthetic_subset(
-                data,
-                reward_model,
-                resolve_aesthetic_weights(params.decoupled.weights, reward_model),
-                config.real_aesthetic_quantile,
-            )
         discriminator = make_discriminator(
             reward_model,
             config.discriminator_dimension,
@@ -509,14 +569,30 @@ class AdversarialTrainer(FeedbackTrainer):
             metrics_callback=metrics_callback,
             progress=progress,
         )
+        self.reward_model = self.frozen(reward_model)
+        if config.real_images == "samples":
+            data = starting_model_samples(
+                self.model,
+                data,
+                config.real_sample_count,
+                params,
+                progress and self.accelerator.is_main_process,
+            )
+        if config.real_aesthetic_quantile > 0:
+            data = aesthetic_subset(
+                data,
+                self.reward_model,
+                resolve_aesthetic_weights(params.decoupled.weights, reward_model),
+                config.real_aesthetic_quantile,
+            )
         self.data_set = data
+        self.stream_items(len(data))
         self.dimension = config.discriminator_dimension
         # A UNet-feature discriminator also takes the latents and the UNet's text conditioning.
         self.reads_latents = config.discriminator_unet_features
         self.weights: dict[str, float] = {}
         if config.aesthetic_weight > 0:
             self.weights = resolve_aesthetic_weights(params.decoupled.weights, reward_model)
-        self.reward_model = self.frozen(reward_model)
         self.discriminator = self.add_trainable(
             "discriminator", discriminator, config.discriminator_learning_rate
         )

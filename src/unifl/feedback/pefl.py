@@ -61,24 +61,31 @@ class ImageBatch:
     images: Tensor
     """float [B, 3, H, W] in [0, 1]."""
     captions: list[str]
-    semantic_masks: Tensor
-    """long [B, H, W] class ids."""
-    instance_masks: Tensor
-    """long [B, H, W], 0 background, 1..k the objects."""
+    semantic_masks: Tensor | None
+    """long [B, H, W] class ids; None for images without label maps (model samples)."""
+    instance_masks: Tensor | None
+    """long [B, H, W], 0 background, 1..k the objects; None without label maps."""
 
     def __len__(self) -> int:
         return len(self.captions)
 
 
 def collate_images(items: Sequence[Mapping[str, Any]]) -> ImageBatch:
-    """Stack `ToyDataset` items (image, caption, semantic_mask, instance_mask) into a batch."""
+    """Stack `ToyDataset` items (image, caption, semantic_mask, instance_mask) into a batch;
+    items without label maps (`ModelSamples`) give a batch without them."""
     if not items:
         raise ValueError("an image batch needs at least one item")
+
+    def stacked(key: str) -> Tensor | None:
+        if not all(key in item for item in items):
+            return None
+        return torch.stack([item[key] for item in items]).long()
+
     return ImageBatch(
         images=torch.stack([item["image"] for item in items]),
         captions=[str(item["caption"]) for item in items],
-        semantic_masks=torch.stack([item["semantic_mask"] for item in items]).long(),
-        instance_masks=torch.stack([item["instance_mask"] for item in items]).long(),
+        semantic_masks=stacked("semantic_mask"),
+        instance_masks=stacked("instance_mask"),
     )
 
 
@@ -87,6 +94,12 @@ def perceptual_annotations(
 ) -> dict[str, Any]:
     """The annotations a perceptual loss asks for (`required`), built from the batch."""
     annotations: dict[str, Any] = {}
+    needs_masks = {SEMANTIC_MASKS, INSTANCE_MASKS, INSTANCE_CLASSES} & set(required)
+    if needs_masks and (batch.semantic_masks is None or batch.instance_masks is None):
+        raise ValueError(
+            f"the data set has no label maps, needed for {sorted(needs_masks)} "
+            "(required by pefl.perceptual)"
+        )
     if SEMANTIC_MASKS in required:
         annotations[SEMANTIC_MASKS] = batch.semantic_masks.to(device)
     if INSTANCE_MASKS in required or INSTANCE_CLASSES in required:

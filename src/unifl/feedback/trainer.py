@@ -649,17 +649,11 @@ class FeedbackTrainer:
         self.schedule = FeedbackSchedule.from_scheduler(
             model.scheduler, schedule_steps or self.config.num_inference_steps, timestep_spacing
         )
-        self.data = DataStream(
-            num_items,
-            self.config.batch_size,
-            self.seed,
-            self.process_index,
-            self.accelerator.num_processes,
-        )
+        self._prepared = False
+        self.stream_items(num_items)
         self.history: list[dict[str, float]] = []
         self.ema: ExponentialMovingAverage | None = None
         self.resumed_from: int | None = None
-        self._prepared = False
         self._last_checkpoint: Path | None = None
         self.unet_model = model  # replaced by the prepared view in `_prepare`
 
@@ -721,6 +715,19 @@ class FeedbackTrainer:
             lora_alpha=self.config.lora_alpha or self.config.lora_rank,
             init_lora_weights="gaussian",
             target_modules=list(self.config.lora_target_modules),
+        )
+
+    def stream_items(self, num_items: int) -> None:
+        """Draw the micro-batches from `num_items` items; a subclass whose data is known only
+        once the model is placed (samples of it) calls this again before `train()`."""
+        if self._prepared:
+            raise TrainingError("stream_items must be called before train()")
+        self.data = DataStream(
+            num_items,
+            self.config.batch_size,
+            self.seed,
+            self.process_index,
+            self.accelerator.num_processes,
         )
 
     def frozen(self, module: nn.Module) -> nn.Module:
