@@ -70,7 +70,7 @@ def run_one(
     model = boot.base_model_dir if start is None else decoupled_model(start, seed)
     result = run_adversarial(seeded, model, boot.train_data_dir, reward, stage_dir, progress=False)
     summary = evaluate(seeded, boot, reward, result.model_dir, run_dir / f"eval-{schedule}")
-    return summary | history_figures(stage_dir / "history.csv")
+    return summary | history_figures(stage_dir / "history.csv", params.trainer.max_grad_norm)
 
 
 def decoupled_model(table: Path, seed: int) -> Path:
@@ -78,10 +78,11 @@ def decoupled_model(table: Path, seed: int) -> Path:
     return table / f"seed-{seed}" / "decoupled" / "model"
 
 
-def history_figures(history: Path) -> dict[str, float]:
+def history_figures(history: Path, max_grad_norm: float) -> dict[str, float]:
     """From a run's history: the discriminator's mean logit on generated images over the first
     and the last TREND_WINDOW steps, and its accuracy over the last (whether it runs away from
-    the generator); and the seconds its steps took, summed, which a run resumed at its end
+    the generator); the UNet's median gradient norm and the share of steps clipped to
+    `max_grad_norm`; and the seconds its steps took, summed, which a run resumed at its end
     keeps (its metrics.json then times the resumed run)."""
     import pandas as pd
 
@@ -91,6 +92,8 @@ def history_figures(history: Path) -> dict[str, float]:
         "d_fake_first": float(first["d_fake"].mean()),
         "d_fake_last": float(last["d_fake"].mean()),
         "d_accuracy_last": float(last["d_accuracy"].mean()),
+        "unet_grad_norm": float(rows["grad_norm_unet"].median()),
+        "unet_clipped": float((rows["grad_norm_unet"] > max_grad_norm).mean()),
         "train_seconds": float(rows["seconds"].sum()),
     }
 
@@ -167,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{variant}-step schedule: discriminator logit on generated images, first "
             f"{TREND_WINDOW} steps {first}, last {TREND_WINDOW} {last}; accuracy over the last "
-            f"{TREND_WINDOW} {accuracy}; training {cell(variant, 'train_seconds')} s"
+            f"{TREND_WINDOW} {accuracy}; UNet gradient norm (median) "
+            f"{cell(variant, 'unet_grad_norm')}, clipped on {cell(variant, 'unet_clipped')} of the "
+            f"steps; training {cell(variant, 'train_seconds')} s"
         )
     return 0
 

@@ -7,7 +7,8 @@ ddp.yaml; the trainer asks accelerate for the CPU), one process with batch size
 process's share: the control that shows the comparison can fail). The
 adversarial stage is the hardest case for DDP: two trainable models (UNet and
 discriminator, whose CLIP `logit_scale` gets no gradient), real images sharded
-by process, and with gradient accumulation and the MSE regulariser on,
+by process (sampled from the starting model first, each process a share of the
+captions), and with gradient accumulation and the MSE regulariser on,
 per-sample noise, per-sample timesteps and two UNet forwards per micro-batch.
 A checkpoint after every step runs the checkpoint code twice under DDP.
 
@@ -45,6 +46,7 @@ from unifl.cluster.distributed import (
 from unifl.config import load_params
 
 STEPS = 2
+SAMPLES = 16
 STAGE_SETTINGS = [
     "project.device=cpu",
     "trainer.num_inference_steps=5",
@@ -61,6 +63,11 @@ STAGE_SETTINGS = [
     "adversarial.eval_prompts=0",
     # The R1 penalty's double backward runs inside the discriminator's DDP forward.
     "adversarial.r1_weight=1.0",
+    # Real images sampled from the starting model, in chunks of 8 captions: one per process.
+    "adversarial.real_images=samples",
+    f"adversarial.real_sample_count={SAMPLES}",
+    "sampling.steps=3",
+    "sampling.batch_size=1",
 ]
 RELATIVE_TOLERANCE = 1e-5
 """Largest parameter difference, relative to the largest parameter, between the two-process
@@ -78,7 +85,7 @@ def stage_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     reward = build_toy_reward_model()
     reward.set_alphas({"color": 1.0, "layout": 1.0, "detail": 1.0, "lighting": 1.0})
     reward.save(root / "reward")
-    write_toy_dataset(root / "data", 6, seed=3, progress=False)
+    write_toy_dataset(root / "data", SAMPLES, seed=3, progress=False)
     (root / "params.yaml").write_text("", encoding="utf-8")
     return root
 
@@ -161,6 +168,13 @@ def test_two_gloo_processes_compute_the_update_of_one_process_with_their_global_
         assert {"random_states_0.pkl", "random_states_1.pkl"} <= {
             p.name for p in checkpoint.iterdir()
         }
+    # The real images the two processes sampled, a chunk of captions each, are one process's.
+    samples = {name: root / name / "real_samples" for name in ("ddp", "single")}
+    manifests = [json.loads((samples[name] / "manifest.json").read_text()) for name in samples]
+    assert manifests[0] == manifests[1] and len(manifests[0]["captions"]) == SAMPLES
+    for index in range(SAMPLES):
+        png = f"{index:06d}.png"
+        assert (samples["ddp"] / png).read_bytes() == (samples["single"] / png).read_bytes()
     final = f"checkpoints/step-{STEPS:08d}"
     assert json.loads((root / "ddp" / "stage.json").read_text())["num_processes"] == 2
     assert json.loads((root / "single" / "stage.json").read_text())["num_processes"] == 1

@@ -71,7 +71,7 @@ def adversarial_run(inputs: Path, tmp_path: Path, *settings: str):
     )
 
 
-def adversarial_trainer(inputs: Path, *settings: str):
+def adversarial_trainer(inputs: Path, *settings: str, out: Path | None = None):
     """The adversarial stage's trainer on the fixture's inputs, not yet trained."""
     from unifl.feedback.adversarial import AdversarialTrainer
     from unifl.feedback.stages import load_image_data, load_reward, load_stage_model
@@ -82,7 +82,7 @@ def adversarial_trainer(inputs: Path, *settings: str):
         load_image_data(inputs / "data"),
         load_reward(inputs / "reward"),
         p,
-        inputs / "unused",
+        out or inputs / "unused",
         progress=False,
     )
 
@@ -346,12 +346,13 @@ def test_adversarial_trains_on_the_high_aesthetic_real_images(inputs):
 SAMPLE_SETTINGS = ("adversarial.real_images=samples", "sampling.steps=3", "sampling.batch_size=2")
 
 
-def test_adversarial_learns_real_from_the_starting_models_own_samples(inputs):
+def test_adversarial_learns_real_from_the_starting_models_own_samples(inputs, tmp_path):
     from unifl.feedback.adversarial import ModelSamples
     from unifl.feedback.stages import load_image_data
     from unifl.feedback.trainer import derive_seed
 
-    trainer = adversarial_trainer(inputs, *SAMPLE_SETTINGS, "adversarial.real_sample_count=3")
+    settings = (*SAMPLE_SETTINGS, "adversarial.real_sample_count=3")
+    trainer = adversarial_trainer(inputs, *settings, out=tmp_path)
     data = load_image_data(inputs / "data")
     samples = trainer.data_set
     assert isinstance(samples, ModelSamples) and len(samples) == 3
@@ -366,7 +367,7 @@ def test_adversarial_learns_real_from_the_starting_models_own_samples(inputs):
         samples.captions,
         steps=3,
         guidance_scale=p.sampling.guidance_scale,
-        seed=derive_seed(p.project.seed, 0xAD5, 0),
+        seed=derive_seed(p.project.seed, 0xAD5),
         timestep_spacing=p.sampling.timestep_spacing,
         batch_size=2,
     )
@@ -380,9 +381,31 @@ def test_adversarial_learns_real_from_the_starting_models_own_samples(inputs):
     assert set(batch.captions) <= set(samples.captions)
 
 
+def test_the_samples_are_written_once_and_read_back_by_a_resumed_run(inputs, tmp_path):
+    from unifl.feedback.images import save_image
+
+    settings = (*SAMPLE_SETTINGS, "adversarial.real_sample_count=3")
+    first = adversarial_trainer(inputs, *settings, out=tmp_path)
+    directory = tmp_path / "real_samples"
+    files = sorted(directory.glob("*.png"))
+    assert len(files) == 3 and (directory / "manifest.json").is_file()
+    # A resumed run reads the files back instead of sampling again: a changed file shows.
+    save_image(torch.zeros(3, 32, 32), files[0])
+    again = adversarial_trainer(inputs, *settings, out=tmp_path)
+    assert float(again.data_set[0]["image"].max()) == 0
+    torch.testing.assert_close(again.data_set[1]["image"], first.data_set[1]["image"])
+    # Other sampler settings sample again.
+    other = adversarial_trainer(inputs, *settings, "sampling.steps=2", out=tmp_path)
+    assert float(other.data_set[0]["image"].max()) > 0
+    assert json.loads((directory / "manifest.json").read_text())["steps"] == 2
+    assert len(list(directory.glob("*.png"))) == 3
+
+
 def test_adversarial_on_samples_keeps_the_top_quantile_and_trains(inputs, tmp_path):
     settings = (*SAMPLE_SETTINGS, "adversarial.real_sample_count=100")
-    trainer = adversarial_trainer(inputs, *settings, "adversarial.real_aesthetic_quantile=0.5")
+    trainer = adversarial_trainer(
+        inputs, *settings, "adversarial.real_aesthetic_quantile=0.5", out=tmp_path / "q"
+    )
     # At most one sample per caption of the data; the quantile keeps the top half of them.
     assert len(trainer.data_set) == 2 and trainer.data.num_items == 2
     result = adversarial_run(inputs, tmp_path, *settings)

@@ -83,6 +83,11 @@ def test_generate_is_deterministic_per_seed_and_independent_of_batch_size(model)
     # Prompt i's image does not depend on the other prompts in the list.
     tail = generate(model, PROMPTS[:2], steps=3, guidance_scale=5.0, seed=11)
     torch.testing.assert_close(tail, images[:2], rtol=0, atol=1e-5)
+    # A list sampled in parts, each told where it starts, gives the images of one call.
+    rest = generate(model, PROMPTS[2:], steps=3, guidance_scale=5.0, seed=11, first_index=2)
+    torch.testing.assert_close(rest, images[2:], rtol=0, atol=1e-5)
+    unplaced = generate(model, PROMPTS[2:], steps=3, guidance_scale=5.0, seed=11)
+    assert (unplaced - images[2:]).abs().mean() > 1e-2
 
 
 def test_one_trailing_step_is_the_ddim_update_from_t_999(model):

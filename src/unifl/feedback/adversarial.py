@@ -68,8 +68,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import logging
-from collections.abc import Sequence
+import shutil
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -96,6 +99,8 @@ if TYPE_CHECKING:
     from unifl.models.reward import DecoupledRewardModel
 
 DISCRIMINATOR_DIR = "discriminator"
+REAL_SAMPLES_DIR = "real_samples"  # adversarial.real_images: samples
+REAL_SAMPLES_MANIFEST = "manifest.json"
 logger = logging.getLogger(__name__)
 
 
@@ -440,7 +445,16 @@ class ModelSamples(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def starting_model_samples(
-    model: BaseModel, data: Any, count: int, params: Params, progress: bool = True
+    model: BaseModel,
+    data: Any,
+    count: int,
+    params: Params,
+    directory: str | Path,
+    *,
+    process_index: int = 0,
+    num_processes: int = 1,
+    wait: Callable[[], None] = lambda: None,
+    progress: bool = True,
 ) -> ModelSamples:
     """The starting model's own samples of `count` of the data's captions (drawn by seed).
 
@@ -450,31 +464,71 @@ def starting_model_samples(
     the stage starts from, so "real" carries what the earlier stages taught it
     (decoupled FL's aesthetics) rather than the real images' look. Call before
     the model is changed (a LoRA adapter at its zero start changes nothing).
+
+    The samples are written to `directory` as PNG files with a manifest of the
+    captions, the sampler's settings and the model; a resumed run whose manifest
+    matches reads them back instead of sampling again. With several processes
+    each samples every `num_processes`-th chunk of captions; `wait` is their
+    barrier. Each image's noise depends on its index only, so the samples are
+    the same for any number of processes.
     """
+    from unifl.feedback.images import load_image_uint8, save_image
     from unifl.feedback.trainer import derive_seed
+    from unifl.io import write_json
     from unifl.models.sampler import generate
 
     sampling, seed = params.sampling, int(params.project.seed)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     captions = [str(data[int(i)]["caption"]) for i in order[: min(count, len(data))]]
-    chunk = sampling.batch_size * 8
-    images = []
-    for start in tqdm(
-        range(0, len(captions), chunk),
-        desc=f"adversarial: sampling {len(captions)} real images",
-        disable=not progress,
-    ):
-        batch = generate(
-            model,
-            captions[start : start + chunk],
-            steps=sampling.steps,
-            guidance_scale=sampling.guidance_scale,
-            seed=derive_seed(seed, 0xAD5, start),
-            timestep_spacing=sampling.timestep_spacing,
-            batch_size=sampling.batch_size,
+    manifest = {
+        "model": str(model.source),
+        "steps": sampling.steps,
+        "guidance_scale": sampling.guidance_scale,
+        "timestep_spacing": sampling.timestep_spacing,
+        "seed": seed,
+        "captions": captions,
+    }
+    directory = Path(directory)
+    manifest_path = directory / REAL_SAMPLES_MANIFEST
+    paths = [directory / f"{index:06d}.png" for index in range(len(captions))]
+    if not (manifest_path.is_file() and json.loads(manifest_path.read_text()) == manifest):
+        if process_index == 0:
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir(parents=True)
+        wait()
+        started = time.perf_counter()
+        chunk = sampling.batch_size * 8
+        starts = list(range(0, len(captions), chunk))[process_index::num_processes]
+        for first in tqdm(
+            starts,
+            desc=f"adversarial: sampling {len(captions)} real images",
+            disable=not progress,
+        ):
+            images = generate(
+                model,
+                captions[first : first + chunk],
+                steps=sampling.steps,
+                guidance_scale=sampling.guidance_scale,
+                seed=derive_seed(seed, 0xAD5),
+                timestep_spacing=sampling.timestep_spacing,
+                batch_size=sampling.batch_size,
+                first_index=first,
+            )
+            for offset, image in enumerate(images):
+                save_image(image, paths[first + offset])
+        logger.info(
+            "adversarial: %d real images sampled at %d steps in %.1f s, in %s",
+            len(captions),
+            sampling.steps,
+            time.perf_counter() - started,
+            directory,
         )
-        images.append((batch.clamp(0, 1) * 255).round().to(torch.uint8))
-    return ModelSamples(torch.cat(images), captions)
+        wait()
+        if process_index == 0:
+            write_json(manifest_path, manifest)
+    else:
+        logger.info("adversarial: %d real images read back from %s", len(captions), directory)
+    return ModelSamples(torch.stack([load_image_uint8(path) for path in paths]), captions)
 
 
 @torch.no_grad()
@@ -576,7 +630,11 @@ class AdversarialTrainer(FeedbackTrainer):
                 data,
                 config.real_sample_count,
                 params,
-                progress and self.accelerator.is_main_process,
+                self.out_dir / REAL_SAMPLES_DIR,
+                process_index=self.process_index,
+                num_processes=self.accelerator.num_processes,
+                wait=self.accelerator.wait_for_everyone,
+                progress=progress and self.accelerator.is_main_process,
             )
         if config.real_aesthetic_quantile > 0:
             data = aesthetic_subset(

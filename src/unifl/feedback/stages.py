@@ -7,6 +7,7 @@ checkpoint is there), and writes into `out_dir`:
     model/            the tuned model, a diffusers pipeline directory (LoRA merged)
     lora/             the LoRA adapter alone (pytorch_lora_weights.safetensors), with LoRA
     discriminator/    the trained discriminator (adversarial stage)
+    real_samples/     its real images with adversarial.real_images: samples (PNG + manifest)
     checkpoints/      resumable checkpoints (the newest `trainer.keep_checkpoints`)
     history.json/csv  one row per optimisation step: losses, rewards, grad norms, lr
     metrics.json      the summary: means over the last steps, timings (DVC metrics)

@@ -89,8 +89,13 @@ def generate(
     batch_size: int = 16,
     negative_prompt: str = "",
     progress: bool = False,
+    first_index: int = 0,
 ) -> torch.Tensor:
-    """Images [N, 3, H, W] in [0, 1] (float32, CPU) for `prompts`, DDIM with eta 0."""
+    """Images [N, 3, H, W] in [0, 1] (float32, CPU) for `prompts`, DDIM with eta 0.
+
+    Each prompt's initial noise is drawn from `seed` and its index, counted from
+    `first_index`: a list sampled in parts gets the images of one call.
+    """
     if isinstance(prompts, str):
         raise TypeError("generate takes a list of prompts, not a single string")
     if not prompts:
@@ -118,7 +123,7 @@ def generate(
             embeds = embeds.with_unconditional(
                 unconditional_embeds(model, len(indices), negative_prompt)
             )
-        latents = initial_noise(model, len(indices), seed, start=indices[0])
+        latents = initial_noise(model, len(indices), seed, start=first_index + indices[0])
         latents = latents * scheduler.init_noise_sigma
         for timestep in scheduler.timesteps:
             model_input = torch.cat([latents, latents]) if use_guidance else latents

@@ -654,6 +654,7 @@ def _training_step(
     Where it trains (this process, this pod's GPUs, several nodes) follows
     `pipeline.gpu_count` and `cluster.num_nodes` (`stage_entry.train_feedback_stage`).
     """
+    from unifl.feedback.adversarial import REAL_SAMPLES_DIR
     from unifl.orchestration.stage_entry import INPUTS_DIR, train_feedback_stage
 
     params = as_params(params)
@@ -666,7 +667,8 @@ def _training_step(
         mode = train_feedback_stage(
             stage, params, inputs, work, pipeline_run_id, _progress_callback(run)
         )
-        copy_directory(work, out_dir, ignore=(CHECKPOINTS_DIR, INPUTS_DIR))
+        # The adversarial stage's sampled real images stay with the checkpoints, for a resume.
+        copy_directory(work, out_dir, ignore=(CHECKPOINTS_DIR, INPUTS_DIR, REAL_SAMPLES_DIR))
         metrics = _read_json_metrics(Path(out_dir) / "metrics.json")
         if run is not None:
             run.set_tags({"unifl.training_mode": mode})
