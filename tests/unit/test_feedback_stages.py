@@ -192,6 +192,9 @@ def test_adversarial_with_the_patch_discriminator_saves_both_heads(inputs, tmp_p
     result = adversarial_run(inputs, tmp_path, "adversarial.discriminator_patches=true")
     assert "final_d_loss" in json.loads((result.out_dir / "metrics.json").read_text())
     assert DecoupledRewardModel.load(result.discriminator_dir).dimensions == ("detail",)
+    # The sampler's settings made its real images, so the run records them.
+    config = json.loads((tmp_path / "adv" / "stage.json").read_text())["config"]
+    assert config["sampling"]["steps"] == 3
     head = load_file(str(result.discriminator_dir / PATCH_HEAD_FILE))
     # One discriminator step moved the patch head's last layer off its zero start.
     assert float(head["2.weight"].abs().sum()) > 0

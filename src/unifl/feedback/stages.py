@@ -295,7 +295,7 @@ def run_adversarial(
         summary,
         exported,
         inputs,
-        ("project", "trainer", "adversarial", "decoupled"),
+        ("project", "trainer", "adversarial", "decoupled", "sampling"),
         check,
     )
 
