@@ -192,9 +192,6 @@ def test_adversarial_with_the_patch_discriminator_saves_both_heads(inputs, tmp_p
     result = adversarial_run(inputs, tmp_path, "adversarial.discriminator_patches=true")
     assert "final_d_loss" in json.loads((result.out_dir / "metrics.json").read_text())
     assert DecoupledRewardModel.load(result.discriminator_dir).dimensions == ("detail",)
-    # The sampler's settings made its real images, so the run records them.
-    config = json.loads((tmp_path / "adv" / "stage.json").read_text())["config"]
-    assert config["sampling"]["steps"] == 3
     head = load_file(str(result.discriminator_dir / PATCH_HEAD_FILE))
     # One discriminator step moved the patch head's last layer off its zero start.
     assert float(head["2.weight"].abs().sum()) > 0
@@ -415,6 +412,9 @@ def test_adversarial_on_samples_keeps_the_top_quantile_and_trains(inputs, tmp_pa
     assert len(result.history) == 1
     assert {"d_loss", "g_loss", "d_accuracy"} <= set(result.history[0])
     assert DecoupledRewardModel.load(result.discriminator_dir).dimensions == ("detail",)
+    # The sampler's settings made its real images, so the run records them.
+    config = json.loads((tmp_path / "adv" / "stage.json").read_text())["config"]
+    assert config["sampling"]["steps"] == 3
 
 
 def test_pefl_names_the_missing_label_maps():
