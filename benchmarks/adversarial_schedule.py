@@ -18,7 +18,10 @@ held-out toy captions. It prints, at 4 and at 20 steps, caption-match,
 Fréchet distance and extra objects (mean ± std over seeds), and the share of
 the base model's 4-vs-20-step gap that each schedule closes (the toy table's
 criterion), on the mean and per seed; the oracle color and lighting (what the
-stage keeps of decoupled FL's gains); and the training's seconds.
+stage keeps of decoupled FL's gains); the UNet's median gradient norm and how
+often it was clipped; the training's seconds; and, over the first and the last
+100 steps, the generator's L_G, its L_aes (times decoupled.grad_scale) and the
+color reward of its x0 predictions.
 With `--start` the stage starts from the decoupled model of a finished toy
 table's run of the same seed, as the table's adversarial stage does, so a
 setting can be tried on the table's own starting point without training
@@ -49,7 +52,8 @@ ORACLES = (
     "oracle_color",
     "oracle_lighting",
 )  # printed beside them: what the stage keeps of decoupled FL
-TREND_WINDOW = 100  # steps at each end of a run over which the discriminator's logit is averaged
+TREND_WINDOW = 100  # steps at each end of a run over which the history's columns are averaged
+LOSS_TERMS = ("g_loss", "aes", "reward_color")  # L_G, L_aes (times grad_scale), the color reward
 
 
 def run_one(
@@ -81,14 +85,20 @@ def decoupled_model(table: Path, seed: int) -> Path:
 def history_figures(history: Path, max_grad_norm: float) -> dict[str, float]:
     """From a run's history: the discriminator's mean logit on generated images over the first
     and the last TREND_WINDOW steps, and its accuracy over the last (whether it runs away from
-    the generator); the UNet's median gradient norm and the share of steps clipped to
+    the generator); the generator's loss terms and color reward (LOSS_TERMS) over the first and
+    the last TREND_WINDOW steps; the UNet's median gradient norm and the share of steps clipped to
     `max_grad_norm`; and the seconds its steps took, summed, which a run resumed at its end
     keeps (its metrics.json then times the resumed run)."""
     import pandas as pd
 
     rows = pd.read_csv(history).sort_values("step")
     first, last = rows.head(TREND_WINDOW), rows.tail(TREND_WINDOW)
-    return {
+    terms = {  # nan where the run logged no such column (no L_aes)
+        f"{term}_{end}": float(window[term].mean()) if term in rows else float("nan")
+        for term in LOSS_TERMS
+        for end, window in (("first", first), ("last", last))
+    }
+    return terms | {
         "d_fake_first": float(first["d_fake"].mean()),
         "d_fake_last": float(last["d_fake"].mean()),
         "d_accuracy_last": float(last["d_accuracy"].mean()),
@@ -174,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{cell(variant, 'unet_grad_norm')}, clipped on {cell(variant, 'unet_clipped')} of the "
             f"steps; training {cell(variant, 'train_seconds')} s"
         )
+        terms = (
+            f"{term} {cell(variant, f'{term}_first')} -> {cell(variant, f'{term}_last')}"
+            for term in LOSS_TERMS
+        )
+        print(f"{'':<30}first -> last {TREND_WINDOW} steps: " + ", ".join(terms))
     return 0
 
 

@@ -560,8 +560,8 @@ class AdversarialConfig(Section):
         2048,
         ge=1,
         description="Captions drawn (by project.seed) from the data for real_images 'samples'; "
-        "the samples are written to the stage's real_samples/ (read back on resume) and held "
-        "in memory as uint8.",
+        "the samples are written to the stage's real_samples/ and read from there (also by a "
+        "resumed run).",
     )
     real_aesthetic_quantile: float = Field(
         0.0,

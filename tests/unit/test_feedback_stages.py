@@ -358,6 +358,7 @@ def test_adversarial_learns_real_from_the_starting_models_own_samples(inputs, tm
     assert isinstance(samples, ModelSamples) and len(samples) == 3
     assert trainer.data.num_items == 3
     captions = [data[i]["caption"] for i in range(len(data))]
+    assert [data.caption(i) for i in range(len(data))] == captions
     assert set(samples.captions) <= set(captions)
     # They are the starting model's samples at the full sampler (the LoRA adapter starts at
     # zero), not the data's images.
@@ -424,7 +425,8 @@ def test_pefl_names_the_missing_label_maps():
     assert batch.semantic_masks is None
     with pytest.raises(ValueError, match="no label maps"):
         perceptual_annotations(batch, ["semantic_masks"], torch.device("cpu"))
-    assert perceptual_annotations(batch, ["style_images"], torch.device("cpu"))
+    style = perceptual_annotations(batch, ["style_images"], torch.device("cpu"))
+    assert torch.equal(style["style_images"], batch.images)
 
 
 def test_cli_stage_decoupled_resumes_and_names_bad_inputs(tmp_path):

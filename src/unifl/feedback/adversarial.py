@@ -424,23 +424,31 @@ def make_discriminator(
 
 
 class ModelSamples(torch.utils.data.Dataset):
-    """Images sampled from a model, with their captions, kept as uint8: real images for `r_a`.
+    """Images sampled from a model, PNG files in a directory, with their captions: real
+    images for `r_a`, read through an `ImageStore` as training asks for them.
 
     Items are dicts with `image` (float [3, H, W] in [0, 1]) and `caption`, as
     the real data set's, without label maps.
     """
 
-    def __init__(self, images: Tensor, captions: Sequence[str]) -> None:
-        if len(images) != len(captions):
-            raise ValueError(f"{len(images)} images but {len(captions)} captions")
-        self.images = images
+    def __init__(self, directory: str | Path, captions: Sequence[str]) -> None:
+        from unifl.feedback.images import ImageStore
+
+        self.store = ImageStore(directory)
         self.captions = list(captions)
+
+    @staticmethod
+    def file_name(index: int) -> str:
+        return f"{index:06d}.png"
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"image": self.images[index].float() / 255.0, "caption": self.captions[index]}
+        from unifl.feedback.images import to_unit_float
+
+        image = to_unit_float(self.store.get(self.file_name(index)))
+        return {"image": image, "caption": self.captions[index]}
 
 
 @torch.no_grad()
@@ -456,7 +464,8 @@ def starting_model_samples(
     wait: Callable[[], None] = lambda: None,
     progress: bool = True,
 ) -> ModelSamples:
-    """The starting model's own samples of `count` of the data's captions (drawn by seed).
+    """The starting model's own samples of `count` of `data`'s captions (drawn by seed);
+    `data` is a `ToyDataset` (its captions are read without decoding its images).
 
     They are made with the full sampler (`sampling.steps`, guidance and spacing),
     the images few-step inference should match: LADD trains its discriminator on
@@ -472,14 +481,14 @@ def starting_model_samples(
     barrier. Each image's noise depends on its index only, so the samples are
     the same for any number of processes.
     """
-    from unifl.feedback.images import load_image_uint8, save_image
+    from unifl.feedback.images import save_image
     from unifl.feedback.trainer import derive_seed
     from unifl.io import write_json
     from unifl.models.sampler import generate
 
     sampling, seed = params.sampling, int(params.project.seed)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    captions = [str(data[int(i)]["caption"]) for i in order[: min(count, len(data))]]
+    captions = [data.caption(int(i)) for i in order[: min(count, len(data))]]
     manifest = {
         "model": str(model.source),
         "steps": sampling.steps,
@@ -490,7 +499,6 @@ def starting_model_samples(
     }
     directory = Path(directory)
     manifest_path = directory / REAL_SAMPLES_MANIFEST
-    paths = [directory / f"{index:06d}.png" for index in range(len(captions))]
     if not (manifest_path.is_file() and json.loads(manifest_path.read_text()) == manifest):
         if process_index == 0:
             shutil.rmtree(directory, ignore_errors=True)
@@ -515,7 +523,7 @@ def starting_model_samples(
                 first_index=first,
             )
             for offset, image in enumerate(images):
-                save_image(image, paths[first + offset])
+                save_image(image, directory / ModelSamples.file_name(first + offset))
         logger.info(
             "adversarial: %d real images sampled at %d steps in %.1f s, in %s",
             len(captions),
@@ -528,7 +536,7 @@ def starting_model_samples(
             write_json(manifest_path, manifest)
     else:
         logger.info("adversarial: %d real images read back from %s", len(captions), directory)
-    return ModelSamples(torch.stack([load_image_uint8(path) for path in paths]), captions)
+    return ModelSamples(directory, captions)
 
 
 @torch.no_grad()

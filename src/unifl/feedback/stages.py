@@ -287,7 +287,7 @@ def run_adversarial(
     exported = trainer.export(keep_model=count > 0)
     check: dict[str, float] = {}
     if exported.model is not None:
-        prompts = [str(images[i]["caption"]) for i in range(count)]
+        prompts = [images.caption(i) for i in range(count)]
         check = trainer.few_step_check(exported.model, prompts)
     inputs = {"base": str(base), "data": str(data), "reward": str(reward)}
     return finish(

@@ -360,6 +360,10 @@ class ToyDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def caption(self, index: int) -> str:
+        """Example `index`'s caption, without reading its image."""
+        return str(self.rows[index]["caption"])
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.rows[index]
         image, instance, semantic = _read_example(self.directory, row, index + 1, self.resolution)
