@@ -294,6 +294,50 @@ def test_adversarial_with_unet_features_saves_the_heads_and_applies_r1(inputs, t
     assert all(float(heads[name].abs().sum()) > 0 for name in last_layers)
 
 
+def test_the_feature_discriminators_frozen_unet_takes_the_compute_dtype(
+    inputs, tmp_path, monkeypatch
+):
+    # The trainer runs mixed precision on GPUs only; bf16 autocast runs on the CPU as well, so
+    # the accelerator is made bf16 here to take the casts that a GPU run takes.
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from unifl.feedback.trainer import FeedbackTrainer
+
+    def bf16_accelerator(self) -> Accelerator:
+        AcceleratorState._reset_state(reset_partial_state=True)  # an earlier test's "no"
+        return Accelerator(mixed_precision="bf16", cpu=True)
+
+    monkeypatch.setattr(FeedbackTrainer, "_make_accelerator", bf16_accelerator)
+    try:
+        trainer = adversarial_trainer(
+            inputs,
+            "adversarial.discriminator_unet_features=true",
+            "adversarial.r1_weight=1",
+            out=tmp_path / "adv",
+        )
+        discriminator = trainer.discriminator
+        assert trainer.compute_dtype == torch.bfloat16
+        assert trainer.model.unet.dtype == torch.bfloat16  # the model's frozen UNet (LoRA)
+        assert {p.dtype for p in discriminator.unet.parameters()} == {torch.bfloat16}
+        trainable = [p for p in discriminator.parameters() if p.requires_grad]
+        assert trainable and {p.dtype for p in trainable} == {torch.float32}
+        frozen = [p.detach().clone() for p in discriminator.unet.parameters()]
+        trainer.train()
+        row = trainer.history[0]
+        assert all(torch.isfinite(torch.tensor(row[k])) for k in ("loss", "d_loss", "g_loss"))
+        assert row["r1"] > 0 and row["grad_norm_discriminator"] > 0
+        # One step moved the heads' zero-started last layers and left the frozen UNet as it was.
+        assert all(float(head.out.weight.abs().sum()) > 0 for head in discriminator.heads)
+        assert all(
+            torch.equal(before, after)
+            for before, after in zip(frozen, discriminator.unet.parameters(), strict=True)
+        )
+        assert discriminator.unet.dtype == torch.bfloat16
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def test_the_adversarial_stage_takes_its_own_grad_guidance_scale(inputs):
     def trainer(*settings: str):
         return adversarial_trainer(inputs, *settings)

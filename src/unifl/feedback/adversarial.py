@@ -89,6 +89,7 @@ from unifl.feedback.trainer import (
     FeedbackTrainer,
     MetricsCallback,
     StepOutput,
+    move_module,
 )
 from unifl.models.base import PromptEmbeds, encode_prompt, predict_noise
 from unifl.models.reward import RewardHead, fuse_features
@@ -283,8 +284,10 @@ class UNetFeatureDiscriminator(nn.Module):
     step 0 r_a is the reward model's score, as the paper has it.
 
     The frozen UNet is a copy taken before the trainer adds LoRA to the model,
-    kept in fp32 and in eval mode (for SDXL a second UNet of about 10 GB); only
-    the inner discriminator and the heads train. A step runs it down to the
+    in eval mode; the adversarial trainer holds it in the compute dtype, as the
+    model's own frozen UNet under LoRA (bf16: for SDXL a second UNet of about
+    5 GB, 10 GB in fp32); only the inner discriminator and the heads train,
+    in fp32. A step runs it down to the
     mid block three times (real and generated latents for the discriminator,
     generated ones for the generator), the up path being skipped. Called with
     `latents` (scaled, as the UNet sees them) and `embeds` (`encode_prompt`)
@@ -662,6 +665,9 @@ class AdversarialTrainer(FeedbackTrainer):
         self.discriminator = self.add_trainable(
             "discriminator", discriminator, config.discriminator_learning_rate
         )
+        if isinstance(discriminator, UNetFeatureDiscriminator):
+            # Only read, never trained: the compute dtype, as the model's frozen UNet under LoRA.
+            move_module(discriminator.unet, self.device, self.compute_dtype)
 
     def batch(self, micro_batch: int) -> ImageBatch:
         return collate_images([self.data_set[i] for i in self.data.indices(micro_batch)])
