@@ -356,8 +356,12 @@ class RewardConfig(Section):
         "soft",
         description="Tied pairs: 'soft' (target 1/2, pulls the two rewards together) or 'drop'.",
     )
-    image_cache_size: int = Field(
-        8192, ge=0, description="Decoded images kept in memory during reward training."
+    image_cache_mib: int = Field(
+        2048,
+        ge=0,
+        description="MiB of decoded images (uint8) kept in memory during reward training, the "
+        "least recently used leaving first (a 1024 px image takes 3 MiB, a 32 px one 3 KiB); "
+        "0 keeps none.",
     )
 
 

@@ -351,6 +351,30 @@ def test_split_gives_every_dimension_a_decided_validation_pair():
     assert val.equals(split_by_prompt(frame, 0.2, seed=0)[1])
 
 
+def test_the_image_store_keeps_its_byte_budget_the_least_recently_used_leaving_first(
+    tmp_path: Path,
+):
+    from unifl.feedback.images import ImageStore, save_image
+
+    for index in range(3):
+        save_image(torch.full((3, 8, 8), index / 4), tmp_path / f"{index}.png")
+    size = 3 * 8 * 8  # bytes of one decoded 8x8 image
+    store = ImageStore(tmp_path, max_cached_bytes=2 * size)
+    first = store.get("0.png")
+    second = store.get("1.png")
+    assert store.get("0.png") is first  # read from the cache; "1.png" is now the oldest
+    third = store.get("2.png")
+    assert (len(store), store.cached_bytes) == (2, 2 * size)
+    assert store.get("0.png") is first and store.get("2.png") is third
+    again = store.get("1.png")  # it left the cache: decoded afresh, and "0.png" leaves
+    assert again is not second and torch.equal(again, second)
+    assert int(third[0, 0, 0]) == round(2 / 4 * 255)
+    assert store.get("2.png") is third and store.get("0.png") is not first
+    # An image larger than the whole budget is read but never kept.
+    small = ImageStore(tmp_path, max_cached_bytes=size - 1)
+    assert torch.equal(small.get("0.png"), first) and len(small) == 0 and small.cached_bytes == 0
+
+
 def test_images_of_different_sizes_are_scored_like_single_images(tmp_path: Path):
     """A batch mixing sizes is resized per image by the model's own preprocessing."""
     from unifl.feedback.images import ImageStore

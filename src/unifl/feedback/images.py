@@ -53,11 +53,16 @@ def save_image(image: torch.Tensor, path: str | Path) -> None:
 
 
 class ImageStore:
-    """Images under `root` by relative path, decoded once and cached (up to `max_cached`)."""
+    """Images under `root` by relative path, decoded once and cached.
 
-    def __init__(self, root: str | Path, max_cached: int = 8192) -> None:
+    The cache holds at most `max_cached_bytes` of decoded uint8 images (least
+    recently used leave first): a count would not do, as a 1024 px image takes
+    3 MiB and a 32 px one 3 KiB."""
+
+    def __init__(self, root: str | Path, max_cached_bytes: int = 2 * 2**30) -> None:
         self.root = Path(root)
-        self.max_cached = max_cached
+        self.max_cached_bytes = max_cached_bytes
+        self.cached_bytes = 0
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     def path(self, relative: str) -> Path:
@@ -67,6 +72,10 @@ class ImageStore:
         """The paths among `relative_paths` that are not files under the root."""
         return [rel for rel in relative_paths if not self.path(rel).is_file()]
 
+    def __len__(self) -> int:
+        """Images in the cache."""
+        return len(self._cache)
+
     def get(self, relative: str) -> torch.Tensor:
         """The uint8 image [3, H, W] at `relative`."""
         cached = self._cache.get(relative)
@@ -74,10 +83,12 @@ class ImageStore:
             self._cache.move_to_end(relative)
             return cached
         image = load_image_uint8(self.path(relative))
-        if self.max_cached > 0:
+        if image.nbytes <= self.max_cached_bytes:
             self._cache[relative] = image
-            if len(self._cache) > self.max_cached:
-                self._cache.popitem(last=False)
+            self.cached_bytes += image.nbytes
+            while self.cached_bytes > self.max_cached_bytes:
+                _, oldest = self._cache.popitem(last=False)
+                self.cached_bytes -= oldest.nbytes
         return image
 
     def batch(self, relative_paths: Sequence[str]) -> torch.Tensor | list[torch.Tensor]:

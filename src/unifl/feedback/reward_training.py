@@ -366,7 +366,7 @@ def train_reward_model(
     if not isinstance(pairs, CheckedPairs):
         pairs = checked_pairs(pairs, images_root, model.dimensions, config)
     frame, num_overall = pairs.frame, pairs.num_overall
-    store = ImageStore(images_root, max_cached=config.image_cache_size)
+    store = ImageStore(images_root, max_cached_bytes=config.image_cache_mib * 2**20)
     train, val = split_by_prompt(frame, config.val_fraction, seed)
     _check_split(train, val, model.dimensions)
 
