@@ -12,6 +12,13 @@ would do: gradients kept through every denoising step from the start step down
 gradient steps (the trainer's draws are a function of the step), so they do
 the same sampling work; only how gradients are kept differs.
 
+The stages take their settings from the project's `params.yaml` (`--params`;
+`--params ''` for the configuration's defaults, the paper's): for the
+adversarial stage that is the discriminator with heads on a frozen copy of
+the UNet, its R1 penalty and the guided gradient step. The real images are the
+benchmark's own in every case (`adversarial.real_images: samples` samples them
+once before training, which is not a step).
+
 Columns:
 * `ms/step`, `steps/s`: median wall time of a step (with CUDA synchronisation).
 * `peak MiB`: peak memory of the process during the timed steps: CUDA
@@ -45,9 +52,11 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 RESULT_MARKER = "FEEDBACK_STEP_RESULT "
+DEFAULT_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 STAGES = ("pefl", "decoupled", "adversarial")
 H200_BF16_DENSE_TFLOPS = 989.0
 # The architecture cases' variants: name -> (LoRA, gradient checkpointing); plus "naive".
@@ -75,6 +84,7 @@ class Case:
     threads: int = 0
     tiny: bool = False
     peak_tflops: float | None = None
+    params: str = ""  # the stage settings' file; "" for the configuration's defaults (the paper's)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def label(self) -> str:
@@ -241,35 +251,45 @@ def _trainer(case: Case, out_dir: str) -> Any:
 
     device = resolve_device("auto")
     total = case.warmup + case.steps
-    start = case.inference_steps // 2
     overrides = [
         f"project.mixed_precision='{case.precision}'",
         f"trainer.use_lora={str(case.lora).lower()}",
         f"trainer.gradient_checkpointing={str(case.checkpointing).lower()}",
         f"trainer.truncated_backprop_steps={case.truncate}",
         f"trainer.batch_size={case.batch_size}",
-        f"trainer.num_inference_steps={case.inference_steps}",
         "trainer.checkpoint_every=1000000",
         f"pefl.steps={total}",
-        f"pefl.start_step={start}",
-        f"pefl.max_step={min(5, start)}",
         f"decoupled.steps={total}",
-        f"decoupled.max_step={min(9, case.inference_steps - 1)}",
         f"adversarial.steps={total}",
+        # Sampling real images from the starting model happens once before training, not in
+        # a step; the step is the same on the benchmark's images.
+        "adversarial.real_images=data",
     ]
+    settings = case.params or None
+    if load_params(settings).trainer.num_inference_steps != case.inference_steps:
+        # Another schedule length than the settings': the stages' steps scaled to it.
+        start = case.inference_steps // 2
+        overrides += [
+            f"trainer.num_inference_steps={case.inference_steps}",
+            f"pefl.start_step={start}",
+            f"pefl.max_step={min(5, start)}",
+            f"decoupled.max_step={min(9, case.inference_steps - 1)}",
+        ]
     if case.variant == "naive":
         # Every denoising call keeps its graph, guidance included: the same sampling work.
         overrides.append(f"trainer.grad_guidance_scale={TrainerConfig().guidance_scale}")
-    params = load_params(None, overrides=overrides)
+    params = load_params(settings, overrides=overrides)
     model = _base_model(case, device)
     reward = _reward_model(case, device)
+    items = _image_items(case, model.image_size, 2 * case.batch_size)
     if case.stage == "decoupled":
         from unifl.data.toy_prompts import toy_prompts
         from unifl.feedback.decoupled import DecoupledTrainer
 
         prompts = toy_prompts(4 * case.batch_size, seed=11)
-        return DecoupledTrainer(model, reward, prompts, params, out_dir, progress=False)
-    items = _image_items(case, model.image_size, 2 * case.batch_size)
+        return DecoupledTrainer(
+            model, reward, prompts, params, out_dir, regulariser_data=items, progress=False
+        )
     if case.stage == "pefl":
         from unifl.feedback.pefl import PeflTrainer
         from unifl.feedback.perceptual import build_perceptual_loss
@@ -417,6 +437,7 @@ def cases_from_args(args: argparse.Namespace) -> list[Case]:
     common = {
         "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
         "inference_steps": args.inference_steps, "peak_tflops": args.peak_tflops,
+        "params": args.params,
     }  # fmt: skip
     cases = []
     for model in args.toy_models:
@@ -506,6 +527,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         )
     devices = sorted({r["device"] for r in rows if r.get("status") == "ok"})
     print(f"device: {', '.join(devices)}")
+    settings = sorted({r["params"] or "the configuration's defaults (the paper's)" for r in rows})
+    print(f"stage settings: {', '.join(settings)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -513,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", type=lambda s: s.split(","), default=list(STAGES))
     parser.add_argument("--toy-models", type=lambda s: [m for m in s.split(",") if m],
                         default=["toy-sd15", "toy-sdxl"], help="Toy presets ('' for none).")  # fmt: skip
+    parser.add_argument("--params", default=str(DEFAULT_PARAMS),
+                        help="The stages' settings (default: the project's params.yaml; '' for "
+                        "the configuration's defaults, the paper's).")  # fmt: skip
     parser.add_argument("--steps", type=int, default=3, help="Timed steps per case.")
     parser.add_argument("--warmup", type=int, default=1, help="Untimed steps first.")
     parser.add_argument("--batch-size", type=int, default=4, help="Toy micro-batch.")
