@@ -564,8 +564,9 @@ class AdversarialConfig(Section):
         2048,
         ge=1,
         description="Captions drawn (by project.seed) from the data for real_images 'samples'; "
-        "the samples are written to the stage's real_samples/ and read from there (also by a "
-        "resumed run).",
+        "the samples are written to the stage's real_samples/ in chunks of 8 sampler batches "
+        "and read from there; a resumed run reads back the chunks it finished and samples the "
+        "rest.",
     )
     real_aesthetic_quantile: float = Field(
         0.0,

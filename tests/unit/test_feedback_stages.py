@@ -446,6 +446,54 @@ def test_the_samples_are_written_once_and_read_back_by_a_resumed_run(inputs, tmp
     assert len(list(directory.glob("*.png"))) == 3
 
 
+def test_a_run_stopped_while_sampling_samples_only_the_chunks_it_did_not_finish(
+    inputs, tmp_path, monkeypatch
+):
+    import unifl.models.sampler
+    from unifl.feedback import adversarial
+    from unifl.feedback.images import load_image_uint8, save_image
+
+    # Chunks of one sampler batch (sampling.batch_size 2): images 0-1, then image 2.
+    monkeypatch.setattr(adversarial, "SAMPLE_CHUNK_BATCHES", 1)
+    settings = (*SAMPLE_SETTINGS, "adversarial.real_sample_count=3")
+    reference = adversarial_trainer(inputs, *settings, out=tmp_path / "whole")
+    whole = sorted((tmp_path / "whole" / "real_samples").glob("*.png"))
+    assert len(whole) == 3
+
+    generate_chunk = unifl.models.sampler.generate
+    calls = []
+
+    def stopped_at_the_second_chunk(*args, **kwargs):
+        calls.append(kwargs["first_index"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return generate_chunk(*args, **kwargs)
+
+    monkeypatch.setattr(unifl.models.sampler, "generate", stopped_at_the_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        adversarial_trainer(inputs, *settings, out=tmp_path)
+    directory = tmp_path / "real_samples"
+    assert (directory / "manifest.json").is_file()
+    assert sorted(f.name for f in directory.glob("*.png")) == [f.name for f in whole[:2]]
+    # The resumed run samples the second chunk only: a changed file of the first one shows.
+    monkeypatch.setattr(unifl.models.sampler, "generate", generate_chunk)
+    save_image(torch.zeros(3, 32, 32), directory / whole[0].name)
+    resumed = adversarial_trainer(inputs, *settings, out=tmp_path)
+    assert float(resumed.data_set[0]["image"].max()) == 0
+    for index in (1, 2):
+        torch.testing.assert_close(
+            resumed.data_set[index]["image"], reference.data_set[index]["image"]
+        )
+    assert torch.equal(load_image_uint8(directory / whole[2].name), load_image_uint8(whole[2]))
+    # A chunk with a file missing is sampled whole again.
+    (directory / whole[1].name).unlink()
+    adversarial_trainer(inputs, *settings, out=tmp_path)
+    for index in (0, 1):
+        assert torch.equal(
+            load_image_uint8(directory / whole[index].name), load_image_uint8(whole[index])
+        )
+
+
 def test_adversarial_on_samples_keeps_the_top_quantile_and_trains(inputs, tmp_path):
     settings = (*SAMPLE_SETTINGS, "adversarial.real_sample_count=100")
     trainer = adversarial_trainer(

@@ -102,6 +102,7 @@ if TYPE_CHECKING:
 DISCRIMINATOR_DIR = "discriminator"
 REAL_SAMPLES_DIR = "real_samples"  # adversarial.real_images: samples
 REAL_SAMPLES_MANIFEST = "manifest.json"
+SAMPLE_CHUNK_BATCHES = 8  # sampling.batch_size batches per chunk: the unit of sharding and resume
 logger = logging.getLogger(__name__)
 
 
@@ -477,12 +478,15 @@ def starting_model_samples(
     (decoupled FL's aesthetics) rather than the real images' look. Call before
     the model is changed (a LoRA adapter at its zero start changes nothing).
 
-    The samples are written to `directory` as PNG files with a manifest of the
-    captions, the sampler's settings and the model; a resumed run whose manifest
-    matches reads them back instead of sampling again. With several processes
-    each samples every `num_processes`-th chunk of captions; `wait` is their
-    barrier. Each image's noise depends on its index only, so the samples are
-    the same for any number of processes.
+    The samples are written to `directory` as PNG files, in chunks of
+    `SAMPLE_CHUNK_BATCHES` sampler batches, after a manifest of the captions,
+    the sampler's settings and the model. A resumed run whose manifest matches
+    reads back every chunk whose files are all there and samples the others, so
+    a run stopped while sampling loses at most a chunk; another manifest starts
+    the directory afresh. With several processes each samples every
+    `num_processes`-th chunk; `wait` is their barrier. Each image's noise
+    depends on its index only, so the samples are the same for any number of
+    processes and for any chunks sampled again.
     """
     from unifl.feedback.images import save_image
     from unifl.feedback.trainer import derive_seed
@@ -502,43 +506,53 @@ def starting_model_samples(
     }
     directory = Path(directory)
     manifest_path = directory / REAL_SAMPLES_MANIFEST
-    if not (manifest_path.is_file() and json.loads(manifest_path.read_text()) == manifest):
-        if process_index == 0:
-            shutil.rmtree(directory, ignore_errors=True)
-            directory.mkdir(parents=True)
-        wait()
-        started = time.perf_counter()
-        chunk = sampling.batch_size * 8
-        starts = list(range(0, len(captions), chunk))[process_index::num_processes]
-        for first in tqdm(
-            starts,
-            desc=f"adversarial: sampling {len(captions)} real images",
-            disable=not progress,
-        ):
-            images = generate(
-                model,
-                captions[first : first + chunk],
-                steps=sampling.steps,
-                guidance_scale=sampling.guidance_scale,
-                seed=derive_seed(seed, 0xAD5),
-                timestep_spacing=sampling.timestep_spacing,
-                batch_size=sampling.batch_size,
-                first_index=first,
-            )
-            for offset, image in enumerate(images):
-                save_image(image, directory / ModelSamples.file_name(first + offset))
-        logger.info(
-            "adversarial: %d real images sampled at %d steps in %.1f s, in %s",
-            len(captions),
-            sampling.steps,
-            time.perf_counter() - started,
-            directory,
+    if process_index == 0 and not (
+        manifest_path.is_file() and json.loads(manifest_path.read_text()) == manifest
+    ):
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        # Written first: a run stopped while sampling keeps the chunks it finished.
+        write_json(manifest_path, manifest)
+    wait()
+    chunk = sampling.batch_size * SAMPLE_CHUNK_BATCHES
+    mine = list(range(0, len(captions), chunk))[process_index::num_processes]
+    starts = [
+        first
+        for first in mine
+        if not all(
+            (directory / ModelSamples.file_name(index)).is_file()
+            for index in range(first, min(first + chunk, len(captions)))
         )
-        wait()
-        if process_index == 0:
-            write_json(manifest_path, manifest)
-    else:
-        logger.info("adversarial: %d real images read back from %s", len(captions), directory)
+    ]
+    started = time.perf_counter()
+    for first in tqdm(
+        starts,
+        desc=f"adversarial: sampling real images in chunks of {chunk}",
+        disable=not progress or not starts,
+    ):
+        images = generate(
+            model,
+            captions[first : first + chunk],
+            steps=sampling.steps,
+            guidance_scale=sampling.guidance_scale,
+            seed=derive_seed(seed, 0xAD5),
+            timestep_spacing=sampling.timestep_spacing,
+            batch_size=sampling.batch_size,
+            first_index=first,
+        )
+        for offset, image in enumerate(images):  # each file written whole (atomic)
+            save_image(image, directory / ModelSamples.file_name(first + offset))
+    logger.info(
+        "adversarial: %d of this process's %d chunks of real images sampled at %d steps in "
+        "%.1f s, the others read back; %d images in %s",
+        len(starts),
+        len(mine),
+        sampling.steps,
+        time.perf_counter() - started,
+        len(captions),
+        directory,
+    )
+    wait()
     return ModelSamples(directory, captions)
 
 
