@@ -287,10 +287,10 @@ class UNetFeatureDiscriminator(nn.Module):
     The frozen UNet is a copy taken before the trainer adds LoRA to the model,
     in eval mode; the adversarial trainer holds it in the compute dtype, as the
     model's own frozen UNet under LoRA (bf16: for SDXL a second UNet of about
-    5 GB, 10 GB in fp32); only the inner discriminator and the heads train,
-    in fp32. A step runs it down to the
-    mid block three times (real and generated latents for the discriminator,
-    generated ones for the generator), the up path being skipped. Called with
+    5 GB, 10 GB in fp32); only the inner discriminator and the heads train, in
+    fp32. A step runs it down to the mid block three times (real and generated
+    latents for the discriminator, generated ones for the generator), the up
+    path being skipped. Called with
     `latents` (scaled, as the UNet sees them) and `embeds` (`encode_prompt`)
     besides the images; `generator` draws the noise and the
     timesteps (a fixed seed when none is given, so that scoring is repeatable).
