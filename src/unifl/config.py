@@ -586,10 +586,11 @@ class AdversarialConfig(Section):
     )
     discriminator_unet_features: bool = Field(
         False,
-        description="Add to the discriminator heads on the features of a frozen copy of the "
-        "starting model's UNet, run on the real and generated latents re-noised to a random "
-        "timestep (LADD's discriminator); their mean logit is added to the reward head's. "
-        "false: the reward head alone (paper).",
+        description="Add to the discriminator heads on the features of the starting model's "
+        "UNet, frozen (under LoRA the model's own UNet with its adapter off, else a copy), run "
+        "on the real and generated latents re-noised to a random timestep (LADD's "
+        "discriminator); their mean logit is added to the reward head's. false: the reward "
+        "head alone (paper).",
     )
     discriminator_feature_max_timestep: int = Field(
         500,

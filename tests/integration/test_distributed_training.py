@@ -63,6 +63,8 @@ STAGE_SETTINGS = [
     "adversarial.eval_prompts=0",
     # The R1 penalty's double backward runs inside the discriminator's DDP forward.
     "adversarial.r1_weight=1.0",
+    # Its feature heads read the DDP-wrapped UNet itself, the LoRA adapter switched off.
+    "adversarial.discriminator_unet_features=true",
     # Real images sampled from the starting model, in chunks of 8 captions: one per process.
     "adversarial.real_images=samples",
     f"adversarial.real_sample_count={SAMPLES}",

@@ -294,8 +294,66 @@ def test_adversarial_with_unet_features_saves_the_heads_and_applies_r1(inputs, t
     assert all(float(heads[name].abs().sum()) > 0 for name in last_layers)
 
 
-def test_the_feature_discriminators_frozen_unet_takes_the_compute_dtype(
-    inputs, tmp_path, monkeypatch
+@pytest.mark.parametrize("preset", PRESETS)
+def test_the_shared_unet_gives_the_copys_features_and_is_left_as_it_was(preset):
+    from peft import LoraConfig
+
+    from unifl.feedback.adversarial import make_discriminator
+    from unifl.models.base import encode_images, encode_prompt, predict_noise
+
+    model = build_toy_model(preset)
+    reward = build_toy_reward_model()
+    copied = make_discriminator(reward, "detail", feature_model=model)
+    shared = make_discriminator(reward, "detail", feature_model=model, share_unet=True)
+    assert shared.shares_unet and shared.unet is model.unet and not copied.shares_unet
+    assert not {id(p) for p in model.unet.parameters()} & {id(p) for p in shared.parameters()}
+    # The model as the trainer holds it: an adapter trained away from zero, gradient
+    # checkpointing on, train mode.
+    model.unet.add_adapter(
+        LoraConfig(r=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v"])
+    )
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, parameter in model.unet.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(generator=generator)
+        for head in copied.heads:  # heads off their zero start, the same in both
+            head.out.weight.normal_(generator=generator)
+    shared.heads.load_state_dict(copied.heads.state_dict())
+    model.unet.enable_gradient_checkpointing()
+    model.unet.train()
+    images = torch.rand(2, 3, 32, 32, generator=generator)
+    prompts = ["a red circle", "a blue square"]
+    with torch.no_grad():
+        latents = encode_images(model, images)
+        embeds = encode_prompt(model, prompts)
+    scores, grads = [], []
+    for discriminator in (copied, shared):
+        read = latents.clone().requires_grad_(True)
+        score = discriminator(images, prompts=prompts, latents=read, embeds=embeds)["detail"]
+        score.sum().backward()
+        scores.append(score.detach())
+        grads.append(read.grad)
+    # The starting UNet's features and their gradient, as the copy gives them.
+    torch.testing.assert_close(scores[1], scores[0])
+    torch.testing.assert_close(grads[1], grads[0])
+    assert float(grads[1].abs().sum()) > 0
+    # The model's UNet is as it was: adapter on, checkpointing and train mode back, no hooks
+    # left, and its adapter got no gradient from the features.
+    assert model.unet.is_gradient_checkpointing and model.unet.training
+    assert not any(
+        block._forward_hooks for block in [*model.unet.down_blocks, model.unet.mid_block]
+    )
+    assert all(p.grad is None for name, p in model.unet.named_parameters() if "lora" in name)
+    with torch.no_grad():
+        tuned = predict_noise(model, latents, 500, embeds)
+        starting = predict_noise(copied._model, latents, 500, embeds)
+    assert float((tuned - starting).abs().max()) > 1e-4
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_the_feature_discriminator_reads_the_starting_unet_in_the_compute_dtype(
+    inputs, tmp_path, monkeypatch, lora
 ):
     # The trainer runs mixed precision on GPUs only; bf16 autocast runs on the CPU as well, so
     # the accelerator is made bf16 here to take the casts that a GPU run takes.
@@ -314,26 +372,35 @@ def test_the_feature_discriminators_frozen_unet_takes_the_compute_dtype(
             inputs,
             "adversarial.discriminator_unet_features=true",
             "adversarial.r1_weight=1",
+            f"trainer.use_lora={str(lora).lower()}",
             out=tmp_path / "adv",
         )
         discriminator = trainer.discriminator
         assert trainer.compute_dtype == torch.bfloat16
-        assert trainer.model.unet.dtype == torch.bfloat16  # the model's frozen UNet (LoRA)
-        assert {p.dtype for p in discriminator.unet.parameters()} == {torch.bfloat16}
+        unet = discriminator.unet
+        if lora:
+            # The model's own UNet with its adapter off: no copy, and none of its parameters
+            # are the discriminator's; its frozen weights take the compute dtype.
+            assert discriminator.shares_unet and unet is trainer.model.unet
+            assert not {id(p) for p in unet.parameters()} & {
+                id(p) for p in discriminator.parameters()
+            }
+        else:
+            # Full fine-tuning trains the model's UNet in fp32; the copy is only read.
+            assert not discriminator.shares_unet and trainer.model.unet.dtype == torch.float32
+        frozen = {n: p.detach().clone() for n, p in unet.named_parameters() if not p.requires_grad}
+        assert frozen and {p.dtype for p in frozen.values()} == {torch.bfloat16}
         trainable = [p for p in discriminator.parameters() if p.requires_grad]
         assert trainable and {p.dtype for p in trainable} == {torch.float32}
-        frozen = [p.detach().clone() for p in discriminator.unet.parameters()]
         trainer.train()
         row = trainer.history[0]
         assert all(torch.isfinite(torch.tensor(row[k])) for k in ("loss", "d_loss", "g_loss"))
-        assert row["r1"] > 0 and row["grad_norm_discriminator"] > 0
-        # One step moved the heads' zero-started last layers and left the frozen UNet as it was.
+        assert row["r1"] > 0 and row["grad_norm_discriminator"] > 0 and row["grad_norm_unet"] > 0
+        # One step moved the heads' zero-started last layers and left the frozen weights as
+        # they were.
         assert all(float(head.out.weight.detach().abs().sum()) > 0 for head in discriminator.heads)
-        assert all(
-            torch.equal(before, after)
-            for before, after in zip(frozen, discriminator.unet.parameters(), strict=True)
-        )
-        assert discriminator.unet.dtype == torch.bfloat16
+        after = dict(unet.named_parameters())
+        assert all(torch.equal(value, after[name]) for name, value in frozen.items())
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
 

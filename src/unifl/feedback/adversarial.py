@@ -11,7 +11,7 @@ Stage 2 trains the diffusion model and a discriminator `r_a` together:
   `adversarial.discriminator_patches` it also scores each patch token of its
   image encoder (`PatchDiscriminator`); with
   `adversarial.discriminator_unet_features` it also scores the features of a
-  frozen copy of the starting model's UNet on re-noised latents
+  starting model's UNet, frozen, on re-noised latents
   (`UNetFeatureDiscriminator`, LADD's discriminator).
 * `L_G = -mean r_a(x0', c)`: the discriminator's parameters are *detached* in
   this term (`torch.func.functional_call`), so it moves only the UNet.
@@ -236,6 +236,11 @@ class PatchDiscriminator(nn.Module):
 FEATURE_HEADS_FILE = "unet_feature_heads.safetensors"
 
 
+Draws = dict[str, Tensor]
+"""`timesteps` (CPU, one per row) and `noise` (like the latents) that re-noise latents for the
+UNet-feature discriminator."""
+
+
 class _FeaturesTaken(Exception):
     """Raised by the mid block's hook: the UNet's up path is not needed for the features."""
 
@@ -267,7 +272,7 @@ class FeatureHead(nn.Module):
 
 
 class UNetFeatureDiscriminator(nn.Module):
-    """r_a plus heads on the features of a frozen copy of the starting model's UNet.
+    """r_a plus heads on the features of the starting model's UNet, frozen.
 
     A CLIP image encoder reads which colours and roughly which shapes are in an
     image; small stray fragments beside the objects barely move its embedding.
@@ -284,16 +289,21 @@ class UNetFeatureDiscriminator(nn.Module):
     the caption (`FeatureHead`). The heads' output layers start at zero, so at
     step 0 r_a is the reward model's score, as the paper has it.
 
-    The frozen UNet is a copy taken before the trainer adds LoRA to the model,
-    in eval mode; the adversarial trainer holds it in the compute dtype, as the
-    model's own frozen UNet under LoRA (bf16: for SDXL a second UNet of about
-    5 GB, 10 GB in fp32); only the inner discriminator and the heads train, in
-    fp32. A step runs it down to the mid block three times (real and generated
-    latents for the discriminator, generated ones for the generator), the up
-    path being skipped. Called with
+    Under LoRA (`share_unet`, the adversarial trainer's choice when
+    `trainer.use_lora`) the features come from the model's own UNet with its
+    adapter switched off for the call: its frozen weights are the starting
+    model's, so no copy is needed. Otherwise (full fine-tuning changes those
+    weights) the frozen UNet is a copy taken before training, in eval mode,
+    which the adversarial trainer holds in the compute dtype (bf16: for SDXL a
+    second UNet of about 5 GB). Only the inner discriminator and the heads
+    train, in fp32. A step runs the UNet down to the mid block three times
+    (real and generated latents for the discriminator, generated ones for the
+    generator), the up path being skipped. Called with
     `latents` (scaled, as the UNet sees them) and `embeds` (`encode_prompt`)
-    besides the images; `generator` draws the noise and the
-    timesteps (a fixed seed when none is given, so that scoring is repeatable).
+    besides the images; `draws` gives the timesteps and the noise, else
+    `generator` draws them (a fixed seed when none is given, so that scoring is
+    repeatable). The trainer draws them for its whole global micro-batch, so
+    that any number of processes re-noises each sample alike.
     """
 
     def __init__(
@@ -302,6 +312,7 @@ class UNetFeatureDiscriminator(nn.Module):
         dimension: str,
         model: BaseModel,
         max_timestep: int,
+        share_unet: bool = False,
     ) -> None:
         super().__init__()
         limit = int(model.scheduler.config.num_train_timesteps)
@@ -313,22 +324,30 @@ class UNetFeatureDiscriminator(nn.Module):
         self.inner = inner
         self.dimension = dimension
         self.max_timestep = max_timestep
-        self.unet = copy.deepcopy(model.unet).eval().requires_grad_(False)
+        self.shares_unet = share_unet
+        if share_unet:
+            # Held in a tuple, outside the module's registry: the trainer trains, moves and
+            # saves that UNet, not the discriminator.
+            self._shared_unet = (model.unet,)
+        else:
+            self.frozen_unet = copy.deepcopy(model.unet).eval().requires_grad_(False)
         # The model's frozen parts with this UNet: what `predict_noise` reads. A plain
         # attribute, so that moving the discriminator does not move the trainer's VAE and
-        # text encoders (the UNet copy above is registered and moves with it).
+        # text encoders (a UNet copy is registered and moves with it).
         self._model = dataclasses.replace(model, unet=self.unet)
         self.alphas_cumprod = torch.as_tensor(
             model.scheduler.alphas_cumprod, dtype=torch.float32
         ).clone()  # host tensor: indexed by the timesteps drawn on the CPU
         self._features: list[Tensor] = []
-        for block in self.unet.down_blocks:
-            block.register_forward_hook(self._take_down)
-        self.unet.mid_block.register_forward_hook(self._take_mid)
         channels = [int(block.resnets[-1].out_channels) for block in self.unet.down_blocks]
         channels.append(int(self.unet.config.block_out_channels[-1]))
         text_dim = int(model.unet.config.cross_attention_dim)
         self.heads = nn.ModuleList(FeatureHead(c, text_dim) for c in channels)
+
+    @property
+    def unet(self) -> nn.Module:
+        """The UNet the features come from: the frozen copy, or the model's own (shared)."""
+        return self._shared_unet[0] if self.shares_unet else self.frozen_unet
 
     def _take_down(self, block: nn.Module, _inputs: Any, output: Any) -> None:
         _hidden, states = output
@@ -339,29 +358,73 @@ class UNetFeatureDiscriminator(nn.Module):
         self._features.append(output)
         raise _FeaturesTaken
 
+    @contextlib.contextmanager
+    def _starting_unet(self) -> Any:
+        """The UNet as the starting model's, its hooks on, for one call; then as it was.
+
+        A shared UNet runs with its LoRA adapter off (the starting weights), in
+        eval mode and without gradient checkpointing: a checkpointed block would
+        recompute its forward in the backward pass with the adapter back on.
+        """
+        unet = self.unet
+        hooks = [block.register_forward_hook(self._take_down) for block in unet.down_blocks]
+        hooks.append(unet.mid_block.register_forward_hook(self._take_mid))
+        shared = self.shares_unet
+        adapter = shared and bool(getattr(unet, "peft_config", None))
+        checkpointing = shared and unet.is_gradient_checkpointing
+        training = unet.training
+        if adapter:
+            unet.disable_adapters()
+        if checkpointing:
+            unet.disable_gradient_checkpointing()
+        unet.eval()
+        try:
+            yield
+        finally:
+            unet.train(training)
+            if checkpointing:
+                unet.enable_gradient_checkpointing()
+            if adapter:
+                unet.enable_adapters()
+            for hook in hooks:
+                hook.remove()
+
     def requires_grad_(self, requires_grad: bool = True) -> UNetFeatureDiscriminator:
         super().requires_grad_(requires_grad)
-        self.unet.requires_grad_(False)
+        if not self.shares_unet:
+            self.frozen_unet.requires_grad_(False)
         return self
 
     def train(self, mode: bool = True) -> UNetFeatureDiscriminator:
         super().train(mode)
-        self.unet.eval()
+        if not self.shares_unet:
+            self.frozen_unet.eval()
         return self
 
-    def features(
-        self, latents: Tensor, embeds: Any, generator: torch.Generator | None
-    ) -> list[Tensor]:
-        """The frozen UNet's feature maps of `latents` noised to random timesteps."""
+    def draw(self, latent_shape: Sequence[int], generator: torch.Generator | None) -> Draws:
+        """Timesteps and noise to re-noise latents of `latent_shape` with."""
         # Drawn on the CPU, as the trainer draws its noise: the same numbers on any device.
         if generator is None:
             generator = torch.Generator().manual_seed(0)
-        steps = torch.randint(0, self.max_timestep + 1, (latents.shape[0],), generator=generator)
-        noise = torch.randn(latents.shape, generator=generator)
+        rows = latent_shape[0]
+        steps = torch.randint(0, self.max_timestep + 1, (rows,), generator=generator)
+        return {"timesteps": steps, "noise": torch.randn(tuple(latent_shape), generator=generator)}
+
+    def features(
+        self,
+        latents: Tensor,
+        embeds: Any,
+        generator: torch.Generator | None,
+        draws: Draws | None = None,
+    ) -> list[Tensor]:
+        """The frozen UNet's feature maps of `latents` noised to random timesteps (`draws`, by
+        default drawn from `generator`)."""
+        draws = draws or self.draw(latents.shape, generator)
+        steps, noise = draws["timesteps"], draws["noise"]
         alpha = self.alphas_cumprod[steps].view(-1, 1, 1, 1).to(latents)
         noisy = noise_latents(latents, noise.to(latents), alpha)
         self._features = []
-        with contextlib.suppress(_FeaturesTaken):
+        with self._starting_unet(), contextlib.suppress(_FeaturesTaken):
             predict_noise(self._model, noisy, steps, embeds)
         features, self._features = self._features, []
         if len(features) != len(self.heads):
@@ -379,10 +442,11 @@ class UNetFeatureDiscriminator(nn.Module):
         latents: Tensor,
         embeds: Any,
         generator: torch.Generator | None = None,
+        draws: Draws | None = None,
     ) -> dict[str, Tensor]:
         check_dimension(self.dimension, dimensions)
         score = self.inner(images, prompts=prompts, dimensions=[self.dimension])[self.dimension]
-        features = self.features(latents, embeds, generator)
+        features = self.features(latents, embeds, generator, draws)
         # The caption's embedding for the heads: the mean of the UNet's text conditioning
         # over the tokens (SD1.5 has no pooled embedding).
         text = embeds.prompt_embeds.float().mean(1)
@@ -402,10 +466,12 @@ def make_discriminator(
     feature_model: BaseModel | None = None,
     feature_max_timestep: int = 500,
     seed: int = 0,
+    share_unet: bool = False,
 ) -> nn.Module:
     """A trainable copy of the reward model's backbone and `dimension` head (paper: detail);
     with `patches`, wrapped in a `PatchDiscriminator`; with `feature_model`, in a
-    `UNetFeatureDiscriminator` on a frozen copy of that model's UNet.
+    `UNetFeatureDiscriminator` on a frozen copy of that model's UNet, or with
+    `share_unet` on that UNet itself, read with its LoRA adapter off.
 
     The new heads' weights are drawn from `seed`, not from whatever the process's random
     state holds, so that a stage run gives the same discriminator in any process."""
@@ -421,7 +487,7 @@ def make_discriminator(
             discriminator = PatchDiscriminator(discriminator, dimension)
         if feature_model is not None:
             discriminator = UNetFeatureDiscriminator(
-                discriminator, dimension, feature_model, feature_max_timestep
+                discriminator, dimension, feature_model, feature_max_timestep, share_unet
             )
     discriminator.requires_grad_(True)
     return discriminator
@@ -635,6 +701,8 @@ class AdversarialTrainer(FeedbackTrainer):
             feature_model=model if config.discriminator_unet_features else None,
             feature_max_timestep=config.discriminator_feature_max_timestep,
             seed=params.project.seed,
+            # Under LoRA the model's UNet with its adapter off is the starting UNet: no copy.
+            share_unet=params.trainer.use_lora,
         )
         super().__init__(
             model,
@@ -679,7 +747,7 @@ class AdversarialTrainer(FeedbackTrainer):
         self.discriminator = self.add_trainable(
             "discriminator", discriminator, config.discriminator_learning_rate
         )
-        if isinstance(discriminator, UNetFeatureDiscriminator):
+        if isinstance(discriminator, UNetFeatureDiscriminator) and not discriminator.shares_unet:
             # Only read, never trained: the compute dtype, as the model's frozen UNet under LoRA.
             move_module(discriminator.unet, self.device, self.compute_dtype)
 
@@ -701,6 +769,24 @@ class AdversarialTrainer(FeedbackTrainer):
         )
         return scores[self.dimension]
 
+    def feature_draws(
+        self, parts: int, latent_shape: Sequence[int], generator: torch.Generator
+    ) -> Draws:
+        """The UNet-feature discriminator's timesteps and noise for `parts` stacked groups of
+        this process's latents of `latent_shape` (real, then generated).
+
+        Drawn for the whole global micro-batch, as `UNetFeatureDiscriminator.draw`
+        draws them for one process holding all of it; each process keeps its rows
+        of every group.
+        """
+        processes = self.accelerator.num_processes
+        shape = (parts * latent_shape[0] * processes, *latent_shape[1:])
+        drawn = self.discriminator.draw(shape, generator)
+        return {
+            name: torch.cat([self.local_rows(group) for group in value.chunk(parts)])
+            for name, value in drawn.items()
+        }
+
     def compute_loss(self, batch: ImageBatch, generator: torch.Generator) -> StepOutput:
         config = self.params.adversarial
         real = batch.images.to(self.device)
@@ -717,7 +803,11 @@ class AdversarialTrainer(FeedbackTrainer):
 
         fake_inputs: dict[str, Any] = {}
         if self.reads_latents:
-            fake_inputs = {"latents": sample.x0_latents, "embeds": embeds, "generator": generator}
+            fake_inputs = {
+                "latents": sample.x0_latents,
+                "embeds": embeds,
+                "draws": self.feature_draws(1, latents.shape, generator),
+            }
         fake_scores = self._scores_without_parameter_gradients(fake, batch.captions, fake_inputs)
         generator_loss = generator_adversarial_loss(fake_scores)
         loss = config.adversarial_weight * generator_loss
@@ -747,7 +837,7 @@ class AdversarialTrainer(FeedbackTrainer):
             inputs = {
                 "latents": torch.cat([real_latents, fake_latents]),
                 "embeds": PromptEmbeds.cat([embeds, embeds]),
-                "generator": generator,
+                "draws": self.feature_draws(2, latents.shape, generator),
             }
         with double_backward_attention(penalised):
             logits = prepared(
