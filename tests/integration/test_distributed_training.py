@@ -71,10 +71,12 @@ STAGE_SETTINGS = [
     "sampling.steps=3",
     "sampling.batch_size=1",
 ]
-RELATIVE_TOLERANCE = 1e-5
+RELATIVE_TOLERANCE = 2e-5
 """Largest parameter difference, relative to the largest parameter, between the two-process
-run and the one-process run of the same global batch (measured: 8e-7 for the UNet's LoRA,
-3e-7 for the discriminator; the control run differs by 8e-4)."""
+run and the one-process run of the same global batch (measured: 5.3e-6 for the UNet's LoRA,
+1.8e-6 for the discriminator, whose feature heads add the frozen UNet's sums; 8e-7 and 3e-7
+without them. The control run differs by 7.7e-4 and 4.5e-4, as did the two-process run when
+each process drew the feature heads' noise for its own rows only)."""
 
 
 @pytest.fixture(scope="module")
