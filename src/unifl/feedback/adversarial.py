@@ -10,7 +10,7 @@ Stage 2 trains the diffusion model and a discriminator `r_a` together:
   given to it for real and generated images alike. With
   `adversarial.discriminator_patches` it also scores each patch token of its
   image encoder (`PatchDiscriminator`); with
-  `adversarial.discriminator_unet_features` it also scores the features of a
+  `adversarial.discriminator_unet_features` it also scores the features of the
   starting model's UNet, frozen, on re-noised latents
   (`UNetFeatureDiscriminator`, LADD's discriminator).
 * `L_G = -mean r_a(x0', c)`: the discriminator's parameters are *detached* in
