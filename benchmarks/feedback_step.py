@@ -14,8 +14,8 @@ the same sampling work; only how gradients are kept differs.
 
 The stages take their settings from the project's `params.yaml` (`--params`;
 `--params ''` for the configuration's defaults, the paper's): for the
-adversarial stage that is the discriminator with heads on a frozen copy of
-the UNet, its R1 penalty and the guided gradient step. The real images are the
+adversarial stage that is the discriminator with heads on the starting UNet's
+features, its R1 penalty and the guided gradient step. The real images are the
 benchmark's own in every case (`adversarial.real_images: samples` samples them
 once before training, which is not a step).
 

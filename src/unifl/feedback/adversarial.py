@@ -362,16 +362,15 @@ class UNetFeatureDiscriminator(nn.Module):
     def _starting_unet(self) -> Any:
         """The UNet as the starting model's, its hooks on, for one call; then as it was.
 
-        A shared UNet runs with its LoRA adapter off (the starting weights), in
-        eval mode and without gradient checkpointing: a checkpointed block would
-        recompute its forward in the backward pass with the adapter back on.
+        It runs with its LoRA adapter off (the starting weights; a copy has none),
+        in eval mode and without gradient checkpointing: a checkpointed block
+        would recompute its forward in the backward pass with the adapter back on.
         """
         unet = self.unet
         hooks = [block.register_forward_hook(self._take_down) for block in unet.down_blocks]
         hooks.append(unet.mid_block.register_forward_hook(self._take_mid))
-        shared = self.shares_unet
-        adapter = shared and bool(getattr(unet, "peft_config", None))
-        checkpointing = shared and unet.is_gradient_checkpointing
+        adapter = bool(getattr(unet, "peft_config", None))
+        checkpointing = unet.is_gradient_checkpointing
         training = unet.training
         if adapter:
             unet.disable_adapters()

@@ -72,10 +72,6 @@ class ImageStore:
         """The paths among `relative_paths` that are not files under the root."""
         return [rel for rel in relative_paths if not self.path(rel).is_file()]
 
-    def __len__(self) -> int:
-        """Images in the cache."""
-        return len(self._cache)
-
     def get(self, relative: str) -> torch.Tensor:
         """The uint8 image [3, H, W] at `relative`."""
         cached = self._cache.get(relative)
