@@ -80,6 +80,21 @@ class BootstrapConfig(Section):
         "Its reconstructions cap what the base model can show (the VAE row of "
         "benchmarks/toy_bootstrap.py).",
     )
+    vae_decoder_steps: int = Field(
+        200,
+        ge=0,
+        description="Steps that train the toy VAE's decoder alone after the VAE, its encoder "
+        "frozen, as SD's VAE decoder was fine-tuned after its first training: the latents, and "
+        "so the UNet's training, stay as they are and the decoder draws their shapes sharper "
+        "(benchmarks/toy_bootstrap.py --set bootstrap.vae_decoder_steps=0 gives the VAE "
+        "without it). 0: none.",
+    )
+    vae_decoder_learning_rate: float = Field(
+        1e-3,
+        gt=0,
+        description="AdamW learning rate of the decoder-only steps (cosine decay after 50 "
+        "warm-up steps).",
+    )
     unet_steps: int = Field(4000, ge=0, description="Training steps of the toy UNet.")
     unet_batch_size: int = Field(
         32,

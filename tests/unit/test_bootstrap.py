@@ -41,6 +41,8 @@ def test_outputs_load_and_manifest_records_measurements(ci_bootstrap):
     assert manifest["metrics"]["clip_steps"] == 30
     assert 0.0 <= manifest["metrics"]["clip_eval_retrieval_chance"] <= 1.0
     assert manifest["timings"]["clip_s"] > 0
+    assert 0.0 < manifest["metrics"]["vae_decoder_recon_mse"] < 10.0
+    assert manifest["timings"]["vae_decoder_s"] > 0
 
     params = load_params(None, preset="ci")
     assert read_manifest(result.train_data_dir)["count"] == params.toy.num_train
@@ -174,6 +176,42 @@ def test_unet_weight_average_by_hand():
         expected = 0.1 * start + 0.9 * trained[name].detach()
         torch.testing.assert_close(ema.shadow[name], expected, rtol=0, atol=1e-6)
     assert denoiser_ema(model, None) is None
+
+
+def test_vae_decoder_steps_train_the_decoder_alone():
+    """The decoder-only steps sharpen the reconstructions and leave the encoder, and so every
+    latent the UNet trains on, bit for bit as it was."""
+    from unifl.models.toy_presets import build_toy_model
+    from unifl.toy.bootstrap import train_vae
+    from unifl.toy.dataset import generate_toy_batch
+
+    images = generate_toy_batch(64, seed=5, resolution=32).image_tensor()
+    vae = build_toy_model("toy-sd15", seed=3).vae
+    train_vae(vae, images, 20, 16, 5e-3, 1e-6, seed=0, progress=False)
+    before = {name: tensor.clone() for name, tensor in vae.state_dict().items()}
+
+    def reconstruction_error() -> tuple[float, torch.Tensor]:
+        with torch.no_grad():
+            pixels = images * 2 - 1
+            latents = vae.encode(pixels).latent_dist.mean
+            return float((vae.decode(latents).sample - pixels).pow(2).mean()), latents
+
+    error_before, latents_before = reconstruction_error()
+    metrics = train_vae(vae, images, 40, 16, 1e-3, 0.0, seed=1, progress=False,
+                        decoder_only=True)  # fmt: skip
+    error_after, latents_after = reconstruction_error()
+
+    after = vae.state_dict()
+    decoder = [n for n in after if n.startswith(("decoder.", "post_quant_conv."))]
+    assert decoder and all(not torch.equal(after[n], before[n]) for n in decoder
+                           if n.endswith("weight")), "every decoder weight trains"  # fmt: skip
+    for name in after:
+        if name not in decoder:
+            assert torch.equal(after[name], before[name]), name
+    assert torch.equal(latents_after, latents_before)
+    assert error_after < 0.9 * error_before
+    assert set(metrics) == {"vae_decoder_recon_mse"}
+    assert not vae.training and not any(p.requires_grad for p in vae.parameters())
 
 
 def test_text_encoder_learning_rate_reaches_the_text_encoder_only():

@@ -167,32 +167,47 @@ def train_vae(
     kl_weight: float,
     seed: int,
     progress: bool = True,
+    decoder_only: bool = False,
 ) -> dict[str, float]:
-    """Train an AutoencoderKL on images in [0, 1]; return its final losses."""
+    """Train an AutoencoderKL on images in [0, 1]; return its final losses.
+
+    `decoder_only` trains the decoder (and `post_quant_conv`) alone on latents
+    drawn from the frozen encoder's posterior, with the reconstruction loss
+    only: the encoder, and so every latent, stays as it was.
+    """
     generator = torch.Generator().manual_seed(seed)
-    vae.train().requires_grad_(True)
-    optimizer = adamw(vae.parameters(), lr=learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps, min(100, steps)))
+    trained = [vae.decoder, vae.post_quant_conv] if decoder_only else [vae]
+    vae.eval().requires_grad_(False)
+    for module in trained:
+        module.train().requires_grad_(True)
+    parameters = [p for module in trained for p in module.parameters()]
+    optimizer = adamw(parameters, lr=learning_rate, weight_decay=0.0)
+    warmup = min(50 if decoder_only else 100, steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps, warmup))
     recon_ema = kl_ema = float("nan")
     bar = tqdm(
         _batches(len(images), batch_size, steps, generator),
         total=steps,
-        desc="toy VAE",
+        desc="toy VAE decoder" if decoder_only else "toy VAE",
         disable=not progress,
     )
     for index in bar:
         pixels = images[index] * 2 - 1
-        posterior = vae.encode(pixels).latent_dist
-        latents = posterior.mean + posterior.std * torch.randn(
-            posterior.mean.shape, generator=generator
-        )
+        with torch.set_grad_enabled(not decoder_only):
+            posterior = vae.encode(pixels).latent_dist
+            latents = posterior.mean + posterior.std * torch.randn(
+                posterior.mean.shape, generator=generator
+            )
         recon = vae.decode(latents).sample
         recon_loss = F.mse_loss(recon, pixels)
-        kl = posterior.kl().mean() / posterior.mean[0].numel()
-        loss = recon_loss + kl_weight * kl
+        loss = recon_loss
+        if not decoder_only:
+            kl = posterior.kl().mean() / posterior.mean[0].numel()
+            loss = loss + kl_weight * kl
+            kl_ema = kl.item() if math.isnan(kl_ema) else 0.95 * kl_ema + 0.05 * kl.item()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
         recon_ema = (
@@ -200,9 +215,13 @@ def train_vae(
             if math.isnan(recon_ema)
             else 0.95 * recon_ema + 0.05 * recon_loss.item()
         )
-        kl_ema = kl.item() if math.isnan(kl_ema) else 0.95 * kl_ema + 0.05 * kl.item()
-        bar.set_postfix(recon=f"{recon_ema:.4f}", kl=f"{kl_ema:.3f}")
+        shown = {"recon": f"{recon_ema:.4f}"}
+        if not decoder_only:
+            shown["kl"] = f"{kl_ema:.3f}"
+        bar.set_postfix(shown)
     vae.eval().requires_grad_(False)
+    if decoder_only:
+        return {"vae_decoder_recon_mse": recon_ema}
     return {"vae_recon_mse": recon_ema, "vae_kl": kl_ema}
 
 
@@ -783,6 +802,23 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
             )
             metrics["vae_scaling_factor"] = calibrate_latent_scale(model.vae, images)
             timings["vae_s"] = time.perf_counter() - clock
+            if boot.vae_decoder_steps:
+                clock = time.perf_counter()
+                metrics.update(
+                    train_vae(
+                        model.vae,
+                        images,
+                        boot.vae_decoder_steps,
+                        boot.batch_size,
+                        boot.vae_decoder_learning_rate,
+                        0.0,
+                        # Its own batches: not those of the VAE's first steps again.
+                        seed + 1,
+                        progress,
+                        decoder_only=True,
+                    )
+                )
+                timings["vae_decoder_s"] = time.perf_counter() - clock
 
             # The side models must be done before the UNet's processes take the cores.
             segmenter_metrics = segmenter_done.result()
