@@ -190,16 +190,17 @@ def test_vae_decoder_steps_train_the_decoder_alone():
     train_vae(vae, images, 20, 16, 5e-3, 1e-6, seed=0, progress=False)
     before = {name: tensor.clone() for name, tensor in vae.state_dict().items()}
 
-    def reconstruction_error() -> tuple[float, torch.Tensor]:
+    def reconstruct() -> tuple[float, torch.Tensor]:
+        """The reconstruction error of the posterior means, and those means."""
         with torch.no_grad():
             pixels = images * 2 - 1
             latents = vae.encode(pixels).latent_dist.mean
             return float((vae.decode(latents).sample - pixels).pow(2).mean()), latents
 
-    error_before, latents_before = reconstruction_error()
+    error_before, latents_before = reconstruct()
     metrics = train_vae(vae, images, 40, 16, 1e-3, 0.0, seed=1, progress=False,
                         decoder_only=True)  # fmt: skip
-    error_after, latents_after = reconstruction_error()
+    error_after, latents_after = reconstruct()
 
     after = vae.state_dict()
     decoder = [n for n in after if n.startswith(("decoder.", "post_quant_conv."))]

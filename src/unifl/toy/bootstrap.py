@@ -178,6 +178,8 @@ def train_vae(
     generator = torch.Generator().manual_seed(seed)
     trained = [vae.decoder, vae.post_quant_conv] if decoder_only else [vae]
     vae.eval().requires_grad_(False)
+    # The frozen encoder's posterior does not change: encoded once, not at every step.
+    frozen_posteriors = encode_dataset(vae, images) if decoder_only else None
     for module in trained:
         module.train().requires_grad_(True)
     parameters = [p for module in trained for p in module.parameters()]
@@ -193,11 +195,12 @@ def train_vae(
     )
     for index in bar:
         pixels = images[index] * 2 - 1
-        with torch.set_grad_enabled(not decoder_only):
+        if frozen_posteriors is None:
             posterior = vae.encode(pixels).latent_dist
-            latents = posterior.mean + posterior.std * torch.randn(
-                posterior.mean.shape, generator=generator
-            )
+            mean, std = posterior.mean, posterior.std
+        else:
+            mean, std = (tensor[index] for tensor in frozen_posteriors)
+        latents = mean + std * torch.randn(mean.shape, generator=generator)
         recon = vae.decode(latents).sample
         recon_loss = F.mse_loss(recon, pixels)
         loss = recon_loss
