@@ -5,6 +5,7 @@
     python benchmarks/toy_bootstrap.py --preset ci     # the tiny test preset
     python benchmarks/toy_bootstrap.py --seeds 0 1 2 --cached   # measure the cached ones again
     python benchmarks/toy_bootstrap.py --seeds 0 1 2 --cached --sample-seeds 0 1 2 3 4
+    python benchmarks/toy_bootstrap.py --seeds 0 1 2 --baseline bootstrap.vae_decoder_steps=0
 
 Trains the bootstrap from scratch (`--force`) in a child process, into this
 configuration's cache directory, which `make run` then reuses. The child's
@@ -30,6 +31,10 @@ samples' seed moves one base model's caption-match by a few hundredths:
 several seeds and prints their mean per training seed and over them.
 It also prints the toy CLIP's image-to-caption retrieval on the held-out
 images against its random initialisation and chance (from the manifest).
+`--baseline K=V` (repeatable) also measures, for every seed, the bootstrap
+with those overrides on top (cached, or trained when missing; its times are not
+printed) on the same captions and sample seeds, and prints each caption-match
+row's change over it, paired by seed.
 """
 
 from __future__ import annotations
@@ -170,10 +175,19 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="also score each trained base model on the samples of these seeds and average them",
     )
+    parser.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="also measure the bootstraps with these overrides and print the change over them, "
+        "paired by seed",
+    )
     args = parser.parse_args(argv)
 
     import statistics
 
+    from toy_table import mean_std_text
     from unifl.config import load_params
     from unifl.toy.bootstrap import bootstrap_toy_world, default_directory
 
@@ -196,6 +210,13 @@ def main(argv: list[str] | None = None) -> int:
             manifest = json.loads((out / "manifest.json").read_text())
         rates, by_sample_seed[seed] = measure_rates(seeded, out, args.sample_seeds)
         runs.append((seed, wall, peak_gib, manifest, rates))
+    baselines = {}
+    for seed in seeds if args.baseline else []:
+        overrides = [*args.overrides, *args.baseline, f"project.seed={seed}"]
+        based = load_params(args.params, preset=args.preset, overrides=overrides)
+        baselines[seed] = measure_rates(
+            based, bootstrap_toy_world(based).directory, args.sample_seeds
+        )
 
     how = "cached, times from the manifests" if args.cached else "from scratch"
     print(f"toy bootstrap {how} ({args.preset or args.params}), {os.cpu_count()} CPU cores")
@@ -258,6 +279,24 @@ def main(argv: list[str] | None = None) -> int:
         ):
             cells = "".join(f"{manifest['metrics'][key]:14.3f}" for *_, manifest, _ in runs)
             print(f"  {name:<42}{cells}")
+    if baselines:
+        print(
+            f"caption-match change over the baseline ({', '.join(args.baseline)}), paired by seed"
+        )
+        for name in runs[0][4]:
+            changes = [rates[name][0] - baselines[seed][0][name][0] for seed, *_, rates in runs]
+            cells = "".join(f"{change:+14.3f}" for change in changes)
+            spread = f"  {mean_std_text(changes)}" if len(changes) > 1 else ""
+            print(f"  {name:<42}{cells}{spread}")
+        if args.sample_seeds:
+            changes = [
+                statistics.fmean(by_sample_seed[seed].values())
+                - statistics.fmean(baselines[seed][1].values())
+                for seed in seeds
+            ]
+            cells = "".join(f"{change:+14.3f}" for change in changes)
+            spread = f"  {mean_std_text(changes)}" if len(changes) > 1 else ""
+            print(f"  {'trained base model, mean of sample seeds':<42}{cells}{spread}")
     last_key = "caption_match_base_20_steps_last_weights"
     checks = [manifest["metrics"] for *_, manifest, _ in runs]
     if all(last_key in check for check in checks):
