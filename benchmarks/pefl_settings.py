@@ -11,14 +11,15 @@ caption-match of 20-step samples. This trains the stage from the bootstrapped
 base model once per seed and variant (a variant: comma-separated `--set`
 overrides on top of `--set`; the defaults always run as the first) on the toy
 table's reward model (for `L_aes`), evaluates each result on the held-out toy
-captions as the table does, and prints per variant: caption-match at 20 and
+captions as the table does (at its sample seeds, `--sample-seeds`), and prints per variant: caption-match at 20 and
 4 steps, extra objects (regions beyond the caption's objects), the oracle
 dimensions and the Fréchet distance at 20 steps (mean ± std over seeds), the
 caption-match change over the base model paired by seed (each seed's too),
 the PeFL loss over the first and last 50 steps of training, and over the
 whole run the weighted perceptual term against the rest of the loss (`L_aes`
 and any regulariser). Outputs go to `--out` (default runs/pefl_settings); a
-model already trained there is not trained again, nor an evaluation repeated.
+model already trained there is not trained again, nor an evaluation at the same
+sample seeds repeated.
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ from toy_table import (
     bind_to_bootstrap,
     build_data,
     evaluate,
+    evaluation_overrides,
     mean_std,
     mean_std_text,
     run_variants,
+    sample_seeds_argument,
     toy_arguments,
     variant_dir,
     with_seed,
@@ -69,12 +72,18 @@ def run_one(configs, boot, reward: Path, out: Path, seed: int, variant: str | No
             segmenter=boot.segmenter_dir,
             progress=False,
         )
-    finished = run_dir / f"eval-{name}" / "metrics.json"
-    if finished.is_file():
-        summary = json.loads(finished.read_text())
-    else:
+    summary = finished_evaluation(run_dir / f"eval-{name}", seeded.evaluate.seeds)
+    if summary is None:
         summary = evaluate(seeded, boot, reward, model_dir, run_dir / f"eval-{name}")
     return summary | loss_terms(run_dir / name / "history.csv", seeded.pefl.perceptual_weight)
+
+
+def finished_evaluation(out: Path, sample_seeds: list[int]) -> dict[str, float] | None:
+    """The summary of the evaluation in `out` when it sampled at `sample_seeds`, else None."""
+    record = out / "evaluation.json"
+    if not record.is_file() or json.loads(record.read_text())["settings"]["seeds"] != sample_seeds:
+        return None
+    return json.loads((out / "metrics.json").read_text())
 
 
 def loss_terms(history: Path, perceptual_weight: float) -> dict[str, float]:
@@ -106,17 +115,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/pefl_settings"))
     parser.add_argument("--data", type=Path, default=Path("runs/toy_table"))
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side, one process each")
+    sample_seeds_argument(parser)
     args = parser.parse_args(argv)
 
     from unifl.config import load_params
     from unifl.models.precision import apply_num_threads
     from unifl.toy.bootstrap import bootstrap_toy_world
 
-    params = load_params(args.params, preset=args.preset, overrides=args.overrides)
+    overrides = evaluation_overrides(args)
+    params = load_params(args.params, preset=args.preset, overrides=overrides)
     # Each variant's configuration, loaded before any training so that a bad override fails
     # first; every variant shares the defaults' bootstrap and data.
     configs = {None: params, DEFAULTS: params} | {
-        v: load_params(args.params, preset=args.preset, overrides=args.overrides + v.split(","))
+        v: load_params(args.params, preset=args.preset, overrides=overrides + v.split(","))
         for v in args.variants
     }
     apply_num_threads(params.project)
@@ -132,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"PeFL from the base model: {len(args.seeds)} seeds ({' '.join(map(str, args.seeds))}), "
-        f"{params.pefl.steps} steps; variants on top of the defaults"
+        f"{params.pefl.steps} steps, evaluated at sample seeds "
+        f"{' '.join(map(str, params.evaluate.seeds))}; variants on top of the defaults"
     )
     columns = ["caption_match_20steps", "caption_match_4steps", "extra_objects_20steps"]
     columns += [f"oracle_{d}_20steps" for d in DIMENSIONS] + ["frechet_20steps"]
