@@ -18,8 +18,8 @@ caption-match change over the base model paired by seed (each seed's too),
 the PeFL loss over the first and last 50 steps of training, and over the
 whole run the weighted perceptual term against the rest of the loss (`L_aes`
 and any regulariser). Outputs go to `--out` (default runs/pefl_settings); a
-model already trained there is not trained again, nor an evaluation at the same
-sample seeds repeated.
+model already trained there is not trained again, nor an evaluation (the base
+model's too) at the same sample seeds repeated.
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ def run_one(configs, boot, reward: Path, out: Path, seed: int, variant: str | No
     seeded = with_seed(params, seed)
     run_dir = out / f"seed-{seed}"
     if variant is None:
-        return evaluate(seeded, boot, reward, boot.base_model_dir, run_dir / "eval-base")
+        return finished_evaluation(run_dir / "eval-base", seeded.evaluate.seeds) or evaluate(
+            seeded, boot, reward, boot.base_model_dir, run_dir / "eval-base"
+        )
     name = variant_dir(variant)
     model_dir = run_dir / name / "model"
     if not (model_dir / "model_index.json").is_file():
@@ -72,9 +74,9 @@ def run_one(configs, boot, reward: Path, out: Path, seed: int, variant: str | No
             segmenter=boot.segmenter_dir,
             progress=False,
         )
-    summary = finished_evaluation(run_dir / f"eval-{name}", seeded.evaluate.seeds)
-    if summary is None:
-        summary = evaluate(seeded, boot, reward, model_dir, run_dir / f"eval-{name}")
+    summary = finished_evaluation(run_dir / f"eval-{name}", seeded.evaluate.seeds) or evaluate(
+        seeded, boot, reward, model_dir, run_dir / f"eval-{name}"
+    )
     return summary | loss_terms(run_dir / name / "history.csv", seeded.pefl.perceptual_weight)
 
 

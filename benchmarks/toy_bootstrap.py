@@ -283,20 +283,25 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"caption-match change over the baseline ({', '.join(args.baseline)}), paired by seed"
         )
-        for name in runs[0][4]:
-            changes = [rates[name][0] - baselines[seed][0][name][0] for seed, *_, rates in runs]
+
+        def print_changes(name: str, changes: list[float]) -> None:
             cells = "".join(f"{change:+14.3f}" for change in changes)
             spread = f"  {mean_std_text(changes)}" if len(changes) > 1 else ""
             print(f"  {name:<42}{cells}{spread}")
+
+        for name in runs[0][4]:
+            print_changes(
+                name, [rates[name][0] - baselines[seed][0][name][0] for seed, *_, rates in runs]
+            )
         if args.sample_seeds:
-            changes = [
-                statistics.fmean(by_sample_seed[seed].values())
-                - statistics.fmean(baselines[seed][1].values())
-                for seed in seeds
-            ]
-            cells = "".join(f"{change:+14.3f}" for change in changes)
-            spread = f"  {mean_std_text(changes)}" if len(changes) > 1 else ""
-            print(f"  {'trained base model, mean of sample seeds':<42}{cells}{spread}")
+            print_changes(
+                "trained base model, mean of sample seeds",
+                [
+                    statistics.fmean(by_sample_seed[seed].values())
+                    - statistics.fmean(baselines[seed][1].values())
+                    for seed in seeds
+                ],
+            )
     last_key = "caption_match_base_20_steps_last_weights"
     checks = [manifest["metrics"] for *_, manifest, _ in runs]
     if all(last_key in check for check in checks):
