@@ -441,7 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     metrics += [f"reward_{d}" for d in DIMENSIONS]
     chart = save_stage_chart(
         results, metrics, STEP_COUNTS, args.out / "toy_table.png",
-        title=f"toy table, mean ± std over seeds {' '.join(map(str, args.seeds))}",
+        title=(
+            f"toy table, mean ± std over training seeds {' '.join(map(str, args.seeds))}, "
+            f"sample seeds {' '.join(map(str, params.evaluate.seeds))}"
+        ),
         lower_is_better=LOWER_IS_BETTER,
     )  # fmt: skip
     grid = save_stage_samples(
