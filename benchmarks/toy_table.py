@@ -422,9 +422,11 @@ def main(argv: list[str] | None = None) -> int:
             results[model].append(summary)
     results["base"] *= len(args.seeds)  # one evaluation, paired with every seed
 
+    training_seeds = " ".join(map(str, args.seeds))
+    sample_seeds = " ".join(map(str, params.evaluate.seeds))
     report = [
-        f"toy table: {len(args.seeds)} seeds ({' '.join(map(str, args.seeds))}), "
-        f"evaluated at sample seeds {' '.join(map(str, params.evaluate.seeds))}, "
+        f"toy table: {len(args.seeds)} seeds ({training_seeds}), "
+        f"evaluated at sample seeds {sample_seeds}, "
         f"bootstrap {boot.directory}, {time.perf_counter() - started:.0f} s",
         "",
         *data_report,
@@ -441,10 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics += [f"reward_{d}" for d in DIMENSIONS]
     chart = save_stage_chart(
         results, metrics, STEP_COUNTS, args.out / "toy_table.png",
-        title=(
-            f"toy table, mean ± std over training seeds {' '.join(map(str, args.seeds))}, "
-            f"sample seeds {' '.join(map(str, params.evaluate.seeds))}"
-        ),
+        title=f"toy table, mean ± std over training seeds {training_seeds}, sample seeds {sample_seeds}",
         lower_is_better=LOWER_IS_BETTER,
     )  # fmt: skip
     grid = save_stage_samples(
