@@ -72,6 +72,13 @@ class BootstrapConfig(Section):
     cache_dir: str = Field(
         ".cache/unifl/toy", description="Bootstrap outputs are cached here by config hash."
     )
+    latent_channels: int = Field(
+        4,
+        ge=1,
+        description="Channels of the toy VAE's latents, and so of the UNet's input and output "
+        "(SD1.5 and SDXL: 4). At 8 the base model sampled far worse in the bootstrap's UNet "
+        "steps (docs/toy-world-results.md, Eight latent channels).",
+    )
     vae_steps: int = Field(600, ge=0, description="Training steps of the toy VAE.")
     vae_learning_rate: float = Field(
         5e-3,

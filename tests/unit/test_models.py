@@ -121,6 +121,22 @@ def test_toy_resolution_64_keeps_8x8_latents_and_bad_presets_fail():
         toy_configs("toy-sd15", resolution=48)
 
 
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_latent_channels_set_the_vae_and_unet_together_and_survive_a_reload(preset, tmp_path):
+    model = build_toy_model(preset, seed=0, latent_channels=8)
+    assert model.vae.config.latent_channels == 8
+    assert (model.unet.config.in_channels, model.unet.config.out_channels) == (8, 8)
+    assert model.latent_channels == 8
+    images = generate(model, PROMPTS, steps=2, guidance_scale=3.0, seed=7)
+    assert images.shape == (2, 3, 32, 32)
+    with torch.no_grad():
+        assert encode_images(model, images).shape == (2, 8, 8, 8)
+    loaded = load_base_model(save_base_model(model, tmp_path / preset))
+    assert loaded.latent_channels == 8
+    reloaded = generate(loaded, PROMPTS, steps=2, guidance_scale=3.0, seed=7)
+    torch.testing.assert_close(reloaded, images, rtol=0, atol=0)
+
+
 def test_frozen_modules_are_eval_without_gradients(toy_models):
     model = toy_models["toy-sdxl"]
     frozen = model.frozen_modules()

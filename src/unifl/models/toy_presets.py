@@ -75,6 +75,7 @@ PRESETS: dict[str, str] = {"toy-sd15": "sd15", "toy-sdxl": "sdxl"}
 
 TOY_RESOLUTIONS: tuple[int, ...] = (32, 64)
 TOY_LATENT_SIZE = 8
+TOY_LATENT_CHANNELS = 4
 TOY_TEXT_LENGTH = TOY_MAX_LENGTH
 
 SD_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -112,8 +113,17 @@ def _toy_text_config(vocab_size: int, with_projection: bool) -> dict[str, Any]:
     }
 
 
-def toy_configs(preset: str, resolution: int = 32, vocab_size: int | None = None) -> dict[str, Any]:
-    """Component configs of a toy preset: {'unet', 'vae', 'text_encoder'[, 'text_encoder_2'], 'scheduler'}."""
+def toy_configs(
+    preset: str,
+    resolution: int = 32,
+    vocab_size: int | None = None,
+    latent_channels: int = TOY_LATENT_CHANNELS,
+) -> dict[str, Any]:
+    """Component configs of a toy preset: {'unet', 'vae', 'text_encoder'[, 'text_encoder_2'], 'scheduler'}.
+
+    `latent_channels` sets the VAE's latent channels and the UNet's input and
+    output channels together (SD1.5 and SDXL: 4).
+    """
     if preset not in PRESETS:
         raise ValueError(f"unknown toy preset {preset!r}; known: {sorted(PRESETS)}")
     if resolution not in TOY_RESOLUTIONS:
@@ -129,7 +139,7 @@ def toy_configs(preset: str, resolution: int = 32, vocab_size: int | None = None
         "up_block_types": ["UpDecoderBlock2D"] * vae_blocks,
         "block_out_channels": [16, 32, 32, 32][:vae_blocks],
         "layers_per_block": 1,
-        "latent_channels": 4,
+        "latent_channels": latent_channels,
         "norm_num_groups": 8,
         "sample_size": resolution,
         "scaling_factor": 1.0,
@@ -137,8 +147,8 @@ def toy_configs(preset: str, resolution: int = 32, vocab_size: int | None = None
     configs: dict[str, Any] = {"vae": vae, "scheduler": dict(SD_SCHEDULER_CONFIG)}
     unet: dict[str, Any] = {
         "sample_size": TOY_LATENT_SIZE,
-        "in_channels": 4,
-        "out_channels": 4,
+        "in_channels": latent_channels,
+        "out_channels": latent_channels,
         "block_out_channels": [32, 64, 64],
         "layers_per_block": 1,
         "norm_num_groups": 16,
@@ -211,10 +221,15 @@ def _build(
     return model
 
 
-def build_toy_model(preset: str = "toy-sd15", resolution: int = 32, seed: int = 0) -> BaseModel:
+def build_toy_model(
+    preset: str = "toy-sd15",
+    resolution: int = 32,
+    seed: int = 0,
+    latent_channels: int = TOY_LATENT_CHANNELS,
+) -> BaseModel:
     """A randomly initialised toy model (same classes as SD); the bootstrap trains it."""
     tokenizer = toy_tokenizer(TOY_TEXT_LENGTH)
-    configs = toy_configs(preset, resolution, vocab_size=len(tokenizer))
+    configs = toy_configs(preset, resolution, len(tokenizer), latent_channels)
     family = PRESETS[preset]
     tokenizer_2 = toy_tokenizer(TOY_TEXT_LENGTH) if family == "sdxl" else None
     return _build(family, configs, tokenizer, tokenizer_2, seed, source=preset)

@@ -789,7 +789,9 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
         with _side_process(parallel) as side:
             segmenter_done = side.submit(_train_and_save_segmenter, **segmenter_job)
             clip_done = side.submit(_train_and_save_clip, **clip_job) if boot.clip_steps else None
-            model = build_toy_model(f"toy-{boot.family}", resolution=toy.resolution, seed=seed)
+            model = build_toy_model(
+                f"toy-{boot.family}", toy.resolution, seed, boot.latent_channels
+            )
             clock = time.perf_counter()
             metrics.update(
                 train_vae(
