@@ -170,6 +170,14 @@ class BootstrapConfig(Section):
     caption_dropout: float = Field(
         0.1, ge=0, lt=1, description="Share of captions replaced by '' so CFG works."
     )
+    input_perturbation: float | None = Field(
+        None,
+        gt=0,
+        description="Input perturbation gamma of the toy UNet's training (Ning et al. 2023, "
+        "diffusers' text-to-image script: 0.1): the noisy latents are built from noise + "
+        "gamma * extra noise while the target stays the noise, so training sees inputs as off "
+        "as the sampler's own; none: off.",
+    )
     timestep_sampling: Literal["uniform", "logit_normal"] = Field(
         "logit_normal",
         description="How the toy UNet's training timesteps are drawn from the 1000-step schedule: "

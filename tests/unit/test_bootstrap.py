@@ -333,6 +333,42 @@ def test_min_snr_weighting_changes_the_unet_update():
     assert not torch.allclose(runs[1.0][1], runs[None][1])
 
 
+def test_input_perturbation_noises_the_input_and_keeps_the_target(monkeypatch):
+    """The UNet's input carries gamma * extra noise on top of the target noise; the target,
+    and so the loss of a fixed prediction, stays the noise's."""
+    import unifl.models.base as base
+    from unifl.models.toy_presets import build_toy_model
+    from unifl.toy.bootstrap import train_denoiser
+    from unifl.toy.dataset import generate_toy_batch
+
+    real_predict = base.predict_noise
+    seen = []
+
+    def zero_prediction(model, latents, timesteps, embeds):
+        seen.append((latents.detach().clone(), timesteps.clone()))
+        # Zero, but still a function of the UNet so that backward has something to reach.
+        return real_predict(model, latents, timesteps, embeds) * 0
+
+    monkeypatch.setattr(base, "predict_noise", zero_prediction)
+    batch = generate_toy_batch(16, seed=4, resolution=32)
+    losses = {}
+    for gamma in (None, 0.5):
+        model = build_toy_model("toy-sd15", seed=2)
+        metrics = train_denoiser(
+            model, batch.image_tensor(), batch.captions, 1, 16, 1e-3, 0.0, 9,
+            input_perturbation=gamma, progress=False,
+        )  # fmt: skip
+        losses[gamma] = metrics["unet_loss"]
+    (plain, timesteps), (perturbed, same_timesteps) = seen
+    assert torch.equal(timesteps, same_timesteps)
+    # A zero prediction's loss is the mean square of the target: the noise's in both runs.
+    assert losses[0.5] == pytest.approx(losses[None], rel=1e-6)
+    alphas = model.scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1).float()
+    extra = (perturbed - plain) / (1 - alphas).sqrt()
+    assert float(extra.std()) == pytest.approx(0.5, rel=0.1)
+    assert abs(float(extra.mean())) < 0.05
+
+
 def test_training_processes_follow_cores_threads_and_batch():
     """Process count: cores / threads, at least 16 samples a process, a divisor of the batch."""
     from unittest import mock

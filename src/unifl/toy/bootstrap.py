@@ -296,6 +296,7 @@ def train_denoiser(
     world_size: int = 1,
     ema: ExponentialMovingAverage | None = None,
     text_encoder_learning_rate: float | None = None,
+    input_perturbation: float | None = None,
 ) -> dict[str, float]:
     """Train the UNet and text encoder(s) with the noise-prediction objective.
 
@@ -307,7 +308,9 @@ def train_denoiser(
 
     Timesteps are drawn by `sample_timesteps` (`timestep_sampling`, with
     `logit_normal` = (mean, std)); `min_snr_gamma` weights each sample's MSE
-    by min(SNR, gamma) / SNR (None: 1).
+    by min(SNR, gamma) / SNR (None: 1). `input_perturbation` gamma noises the
+    input with noise + gamma * extra noise, the target staying the noise (None:
+    off; the extra noise is then not drawn, so the random stream is unchanged).
 
     With `world_size > 1` (inside an initialised process group) each process
     computes the loss on its share of every batch and the gradients are
@@ -357,7 +360,11 @@ def train_denoiser(
             len(index), num_train_timesteps, generator, timestep_sampling, *logit_normal
         )
         abar = alphas[timesteps].view(-1, 1, 1, 1).float()
-        noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+        input_noise = noise
+        if input_perturbation is not None:
+            extra = torch.randn(latents.shape, generator=generator)
+            input_noise = noise + input_perturbation * extra
+        noisy = abar.sqrt() * latents + (1 - abar).sqrt() * input_noise
         drop = torch.rand(len(index), generator=generator) < caption_dropout
         batch_captions = [
             "" if dropped else captions[i]
@@ -451,6 +458,7 @@ def train_base_model(
         "learning_rate": boot.unet_learning_rate,
         "text_encoder_learning_rate": boot.text_encoder_learning_rate,
         "caption_dropout": boot.caption_dropout,
+        "input_perturbation": boot.input_perturbation,
         "min_snr_gamma": boot.min_snr_gamma,
         "timestep_sampling": boot.timestep_sampling,
         "logit_normal": (boot.logit_normal_mean, boot.logit_normal_std),
