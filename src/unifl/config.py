@@ -176,7 +176,8 @@ class BootstrapConfig(Section):
         description="Input perturbation gamma of the toy UNet's training (Ning et al. 2023, "
         "diffusers' text-to-image script: 0.1): the noisy latents are built from noise + "
         "gamma * extra noise while the target stays the noise, so training sees inputs as off "
-        "as the sampler's own; none: off.",
+        "as the sampler's own; none: off. At 0.1 the toy base model sampled as well as without "
+        "it, within the training seeds' noise (docs/toy-world-results.md, Input perturbation).",
     )
     timestep_sampling: Literal["uniform", "logit_normal"] = Field(
         "logit_normal",
