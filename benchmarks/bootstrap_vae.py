@@ -127,8 +127,12 @@ def train_base(
     from unifl.io import atomic_directory, write_json
     from unifl.models.base import load_base_model
     from unifl.models.segmenter import ToySegmenter
-    from unifl.models.toy_presets import build_toy_model
-    from unifl.toy.bootstrap import bootstrap_config, sample_captions, train_base_model
+    from unifl.toy.bootstrap import (
+        bootstrap_config,
+        sample_captions,
+        train_base_model,
+        untrained_model,
+    )
     from unifl.toy.caption_match import caption_match
 
     config = json.loads(json.dumps(bootstrap_config(with_seed(params, seed))))
@@ -145,9 +149,7 @@ def train_base(
 
     started = time.perf_counter()
     with atomic_directory(out) as tmp:
-        model = build_toy_model(
-            f"toy-{params.bootstrap.family}", resolution=params.toy.resolution, seed=seed
-        )
+        model = untrained_model(params, seed)
         model.vae = load_base_model(boot.base_model_dir).vae
         model, unet, _ = train_base_model(
             model, tmp / "base", train.image_tensor(), train.captions,

@@ -111,8 +111,7 @@ def measure_rates(
     from toy_table import caption_match_by_sample_seed
     from unifl.models.base import decode_latents, encode_images, load_base_model
     from unifl.models.segmenter import ToySegmenter
-    from unifl.models.toy_presets import build_toy_model
-    from unifl.toy.bootstrap import sample_captions
+    from unifl.toy.bootstrap import sample_captions, untrained_model
     from unifl.toy.caption_match import caption_match
     from unifl.toy.dataset import load_toy_arrays
 
@@ -138,9 +137,7 @@ def measure_rates(
     }
     models = {
         "trained base model": trained,
-        "random-init model (baseline)": build_toy_model(
-            f"toy-{params.bootstrap.family}", params.toy.resolution, params.project.seed
-        ),
+        "random-init model (baseline)": untrained_model(params, params.project.seed),
     }
     for name, model in models.items():
         with torch.no_grad():

@@ -11,7 +11,7 @@ from unifl.config import ConfigError, ProjectConfig, load_params
 from unifl.models.base import load_base_model
 from unifl.models.reward import load_pretrained_reward_backbone
 from unifl.models.segmenter import ToySegmenter
-from unifl.toy.bootstrap import bootstrap_toy_world, config_hash, load_cached
+from unifl.toy.bootstrap import bootstrap_config, bootstrap_toy_world, config_hash, load_cached
 from unifl.toy.dataset import read_manifest
 
 
@@ -63,6 +63,11 @@ def test_cached_by_config_hash(ci_bootstrap, tmp_path):
     changed = load_params(None, preset="ci", overrides=["bootstrap.unet_steps=31"])
     assert config_hash(changed) != config_hash(params)
     assert load_cached(ci_bootstrap.directory, changed) is None
+    # A setting that is off (None) is left out, so adding one keeps the caches; on, it counts.
+    assert "input_perturbation" not in bootstrap_config(params)["bootstrap"]
+    perturbed = load_params(None, preset="ci", overrides=["bootstrap.input_perturbation=0.1"])
+    assert bootstrap_config(perturbed)["bootstrap"]["input_perturbation"] == 0.1
+    assert config_hash(perturbed) != config_hash(params)
     # Where the cache lives does not change what is trained.
     moved = load_params(None, preset="ci", overrides=[f"bootstrap.cache_dir={tmp_path}"])
     assert config_hash(moved) == config_hash(params)
@@ -331,6 +336,17 @@ def test_min_snr_weighting_changes_the_unet_update():
     # Gamma 1 weighs all timesteps above SNR 1 down, so the loss is smaller.
     assert runs[1.0][0] < runs[None][0]
     assert not torch.allclose(runs[1.0][1], runs[None][1])
+
+
+def test_bootstrap_starts_from_its_family_resolution_and_latent_channels():
+    from unifl.toy.bootstrap import untrained_model
+
+    params = load_params(
+        None, preset="ci", overrides=["bootstrap.family=sdxl", "bootstrap.latent_channels=8"]
+    )
+    model = untrained_model(params, seed=3)
+    assert (model.family, model.image_size, model.latent_channels) == ("sdxl", 32, 8)
+    assert model.vae.config.latent_channels == 8
 
 
 def test_input_perturbation_noises_the_input_and_keeps_the_target(monkeypatch):

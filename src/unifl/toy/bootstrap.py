@@ -109,7 +109,11 @@ def bootstrap_config(params: Params) -> dict[str, Any]:
         "format": BOOTSTRAP_FORMAT,
         "seed": params.project.seed,
         "toy": params.toy.model_dump(mode="json"),
-        "bootstrap": params.bootstrap.model_dump(mode="json", exclude={"cache_dir"}),
+        # A setting left at None is off: leaving it out keeps the caches of bootstraps
+        # trained before an off-by-default setting existed.
+        "bootstrap": params.bootstrap.model_dump(
+            mode="json", exclude={"cache_dir"}, exclude_none=True
+        ),
         # Processes sum gradients in another order than one process: other bits.
         "processes": training_processes(params),
     }
@@ -429,6 +433,14 @@ def text_encoders_from_clip(model, clip_dir: Path) -> None:
         model.text_encoder_2 = second.eval()
 
 
+def untrained_model(params: Params, seed: int):
+    """The randomly initialised toy model a bootstrap of `params` starts from at `seed`."""
+    from unifl.models.toy_presets import build_toy_model
+
+    boot = params.bootstrap
+    return build_toy_model(f"toy-{boot.family}", params.toy.resolution, seed, boot.latent_channels)
+
+
 def train_base_model(
     model,
     model_dir: Path,
@@ -735,7 +747,6 @@ def bootstrap_toy_world(
 def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResult:
     from unifl.models.base import save_base_model
     from unifl.models.segmenter import ToySegmenter
-    from unifl.models.toy_presets import build_toy_model
     from unifl.toy.caption_match import caption_match
     from unifl.toy.dataset import generate_toy_batch, write_toy_dataset
 
@@ -797,9 +808,7 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
         with _side_process(parallel) as side:
             segmenter_done = side.submit(_train_and_save_segmenter, **segmenter_job)
             clip_done = side.submit(_train_and_save_clip, **clip_job) if boot.clip_steps else None
-            model = build_toy_model(
-                f"toy-{boot.family}", toy.resolution, seed, boot.latent_channels
-            )
+            model = untrained_model(params, seed)
             clock = time.perf_counter()
             metrics.update(
                 train_vae(
