@@ -6,7 +6,7 @@
 The bootstrap trains the toy UNet data-parallel, one process of one thread
 per core with at least `MIN_SAMPLES_PER_PROCESS` samples of each batch
 (`unifl.toy.bootstrap.training_processes`). This times `train_denoiser` (one
-process) and `train_denoiser_in_processes` (several, gloo) on the bootstrap's
+process) and `train_denoiser_in_processes` (several) on the bootstrap's
 own training images from its base model, each for `--steps` and for a
 quarter of them: the difference divided by the steps between is the time of
 one step, without starting the processes and loading the model. With

@@ -161,6 +161,62 @@ def test_unet_trained_by_two_processes_equals_one_process_on_the_whole_batch(tmp
     assert (difference > 1e-6).float().mean() < 1e-3
 
 
+def _average_in_process(rank, gradients, rendezvous, sizes, steps):
+    """One process of the test below: random gradients and loss per rank and step, averaged
+    by gloo's all-reduce (the reference) and then through `gradients`, step after step with
+    no other synchronisation, so a process that runs ahead would overwrite sums in use."""
+    import torch.distributed as dist
+
+    processes = gradients.processes
+    dist.init_process_group(
+        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=processes
+    )
+    try:
+        drawn = []
+        for step in range(steps):
+            generator = torch.Generator().manual_seed(100 * step + rank)
+            drawn.append(
+                (torch.randn(sum(sizes), generator=generator), torch.rand(1, generator=generator))
+            )
+        references = []
+        for grads, loss in drawn:
+            flat = torch.cat([grads, loss])
+            dist.all_reduce(flat)
+            references.append(flat / processes)
+    finally:
+        dist.destroy_process_group()
+    parameters = [torch.nn.Parameter(torch.zeros(size)) for size in sizes]
+    for step, ((grads, loss), reference) in enumerate(zip(drawn, references, strict=True)):
+        for parameter, grad in zip(parameters, grads.split(sizes), strict=True):
+            parameter.grad = grad.clone()
+        mean_loss = gradients.average(rank, parameters, loss[0])
+        averaged = torch.cat([p.grad for p in parameters])
+        assert mean_loss == float(reference[-1]), (rank, step)
+        if processes == 2:  # a + b == b + a: the same bits as the all-reduce
+            assert torch.equal(averaged, reference[:-1]), (rank, step)
+        else:  # the sums' order may differ
+            torch.testing.assert_close(averaged, reference[:-1], rtol=1e-6, atol=1e-6)
+        assert averaged.std() < 0.9  # a mean over processes, not one process's N(0, 1)
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_shared_gradients_average_as_an_all_reduce(tmp_path, processes):
+    """Over several steps (the two buffers alternate), every process ends with the mean of
+    all processes' gradients and losses; with two processes bit for bit gloo's."""
+    import torch.multiprocessing as mp
+
+    from unifl.toy.bootstrap import SharedGradients
+
+    sizes = [5, 1000, 37]
+    gradients = SharedGradients(sum(sizes) + 1, processes)
+    mp.spawn(
+        _average_in_process,
+        args=(gradients, tmp_path / "rendezvous", sizes, 50),
+        nprocs=processes,
+        join=True,
+    )
+
+
 def test_unet_weight_average_by_hand():
     """One step: the average is min(decay, 1/10) of the initial weights and the rest the new."""
     from unifl.models.toy_presets import build_toy_model

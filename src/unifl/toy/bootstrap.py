@@ -30,10 +30,11 @@ Cores: the toy models run fastest on one torch thread per process, so with
 `project.num_threads: 1` on a machine of two or more cores the segmenter
 trains in a side process while the VAE trains (`process_slots`), and a UNet
 batch of at least two `MIN_SAMPLES_PER_PROCESS` shares trains data-parallel
-over gloo (`training_processes`; the default batch of 32 trains in two
-processes on two cores). Data-parallel training equals one process's on the whole batch up
-to float summation order; the process count is part of the cache key because
-it changes the bits.
+(`training_processes`; the default batch of 32 trains in two processes on two
+cores), averaging their gradients through shared memory (`SharedGradients`).
+Data-parallel training equals one process's on the whole batch up to float
+summation order; the process count is part of the cache key because it
+changes the bits.
 """
 
 from __future__ import annotations
@@ -297,7 +298,7 @@ def train_denoiser(
     logit_normal: tuple[float, float] = (0.0, 1.0),
     progress: bool = True,
     rank: int = 0,
-    world_size: int = 1,
+    gradients: SharedGradients | None = None,
     ema: ExponentialMovingAverage | None = None,
     text_encoder_learning_rate: float | None = None,
     input_perturbation: float | None = None,
@@ -316,13 +317,15 @@ def train_denoiser(
     input with noise + gamma * extra noise, the target staying the noise (None:
     off; the extra noise is then not drawn, so the random stream is unchanged).
 
-    With `world_size > 1` (inside an initialised process group) each process
-    computes the loss on its share of every batch and the gradients are
-    averaged: every process draws the random numbers of the whole batch, so
-    the update is that of one process on the whole batch (up to float
-    summation order).
+    With `gradients` (one of `gradients.processes` processes, this one `rank`)
+    each process computes the loss on its share of every batch and the
+    gradients are averaged: every process draws the random numbers of the
+    whole batch, so the update is that of one process on the whole batch (up
+    to float summation order).
     """
     from unifl.models.base import encode_prompt, predict_noise
+
+    world_size = 1 if gradients is None else gradients.processes
 
     if batch_size % world_size:
         raise ValueError(
@@ -382,7 +385,7 @@ def train_denoiser(
         loss = errors.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        value = loss.item() if world_size == 1 else _average_gradients(parameters, loss)
+        value = loss.item() if gradients is None else gradients.average(rank, parameters, loss)
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
@@ -527,19 +530,45 @@ def denoiser_ema(model, decay: float | None) -> ExponentialMovingAverage | None:
     return ExponentialMovingAverage(denoiser_parameters(model), decay)
 
 
-def _average_gradients(parameters: list[torch.nn.Parameter], loss: torch.Tensor) -> float:
-    """Average the gradients and the loss over the process group in one all-reduce."""
-    import torch.distributed as dist
+class SharedGradients:
+    """The mean of the data-parallel processes' gradients, through shared memory.
 
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-    flat = torch.cat([*(g.reshape(-1) for g in grads), loss.detach().reshape(1)])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
-    for parameter, grad in zip(parameters, grads, strict=True):
-        parameter.grad = flat[offset : offset + grad.numel()].view_as(parameter)
-        offset += grad.numel()
-    return float(flat[-1])
+    Every process copies its gradients and its loss into its row of a shared
+    buffer; after a barrier each sums its own slice of the columns over the rows
+    into the first row, in rank order; after a second barrier all read the
+    sums. An all-reduce over gloo sends the whole gradient through TCP, which
+    cost a toy UNet step on two cores a tenth of its time. With two processes
+    the sums equal an all-reduce's bit for bit (float addition of two terms
+    commutes), so the trained weights do not change. Two buffers alternate, so
+    a process may write the next step's gradients while another still reads
+    this step's sums. Made before `torch.multiprocessing.spawn` and passed to
+    every process.
+    """
+
+    def __init__(self, size: int, processes: int):
+        self.processes = processes
+        self.buffers = torch.zeros(2, processes, size).share_memory_()
+        self.barrier = multiprocessing.get_context("spawn").Barrier(processes)
+        self.steps = 0
+
+    def average(self, rank: int, parameters: list[torch.nn.Parameter], loss: torch.Tensor) -> float:
+        """Replace the gradients of `parameters` by their mean over the processes; the mean loss."""
+        rows = self.buffers[self.steps % 2]
+        self.steps += 1
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+        torch.cat([*(g.reshape(-1) for g in grads), loss.detach().reshape(1)], out=rows[rank])
+        self.barrier.wait()
+        size = rows.shape[1]
+        mine = slice(rank * size // self.processes, (rank + 1) * size // self.processes)
+        for other in range(1, self.processes):
+            rows[0, mine] += rows[other, mine]
+        self.barrier.wait()
+        flat = rows[0] / self.processes
+        offset = 0
+        for parameter, grad in zip(parameters, grads, strict=True):
+            parameter.grad = flat[offset : offset + grad.numel()].view_as(parameter)
+            offset += grad.numel()
+        return float(flat[-1])
 
 
 def train_denoiser_in_processes(
@@ -552,7 +581,7 @@ def train_denoiser_in_processes(
     ema_decay: float | None = None,
     **training: Any,
 ) -> tuple[dict[str, float], dict[str, torch.Tensor] | None]:
-    """`train_denoiser` on `processes` CPU processes (gloo) for the model saved in `model_dir`.
+    """`train_denoiser` on `processes` CPU processes for the model saved in `model_dir`.
 
     Every process loads the model from `model_dir`; the first writes the
     trained one (its last weights) back there. `training` takes
@@ -564,12 +593,16 @@ def train_denoiser_in_processes(
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
+    from unifl.models.base import load_base_model
+
+    size = sum(p.numel() for p in denoiser_parameters(load_base_model(model_dir)).values())
+    gradients = SharedGradients(size + 1, processes)  # + 1: the loss
     with tempfile.TemporaryDirectory(prefix="unifl-unet-") as scratch:
         metrics_path = Path(scratch) / "metrics.json"
         mp.spawn(
             _denoiser_process,
-            args=(processes, Path(scratch) / "rendezvous", model_dir, metrics_path,
-                  images, captions, project, progress, ema_decay, training),
+            args=(gradients, model_dir, metrics_path, images, captions, project, progress,
+                  ema_decay, training),
             nprocs=processes,
             join=True,
         )  # fmt: skip
@@ -579,8 +612,7 @@ def train_denoiser_in_processes(
 
 def _denoiser_process(
     rank: int,
-    processes: int,
-    rendezvous: Path,
+    gradients: SharedGradients,
     model_dir: Path,
     metrics_path: Path,
     images: torch.Tensor,
@@ -590,36 +622,29 @@ def _denoiser_process(
     ema_decay: float | None,
     training: dict[str, Any],
 ) -> None:
-    import torch.distributed as dist
     from safetensors.torch import save_file
 
     from unifl.models.base import load_base_model, save_base_model
 
     apply_num_threads(project)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=processes
+    model = load_base_model(model_dir)
+    # Every process applies the same averaged update, so each one's average is the same.
+    ema = denoiser_ema(model, ema_decay)
+    metrics = train_denoiser(
+        model,
+        images,
+        captions,
+        progress=progress and rank == 0,
+        rank=rank,
+        gradients=gradients,
+        ema=ema,
+        **training,
     )
-    try:
-        model = load_base_model(model_dir)
-        # Every process applies the same averaged update, so each one's average is the same.
-        ema = denoiser_ema(model, ema_decay)
-        metrics = train_denoiser(
-            model,
-            images,
-            captions,
-            progress=progress and rank == 0,
-            rank=rank,
-            world_size=processes,
-            ema=ema,
-            **training,
-        )
-        if rank == 0:
-            save_base_model(model, model_dir)
-            if ema is not None:
-                save_file(ema.shadow, metrics_path.with_suffix(".safetensors"))
-            write_json(metrics_path, metrics)
-    finally:
-        dist.destroy_process_group()
+    if rank == 0:
+        save_base_model(model, model_dir)
+        if ema is not None:
+            save_file(ema.shadow, metrics_path.with_suffix(".safetensors"))
+        write_json(metrics_path, metrics)
 
 
 def _train_and_save_segmenter(
@@ -648,8 +673,8 @@ def _train_and_save_clip(
 
 MIN_SAMPLES_PER_PROCESS = 16
 """A process's smallest share of a UNet batch. A toy UNet step is mostly fixed cost, so smaller
-shares gain little: a batch of 32 takes 0.099 s a step in one process and 0.082 s in two of 16
-(with the all-reduce; `benchmarks/unet_step.py`)."""
+shares gain little: a batch of 32 took 0.099 s a step in one process and 0.082 s in two of 16
+(`benchmarks/unet_step.py` on 2026-12-04, the gradients then averaged over gloo)."""
 
 
 def available_cores() -> int:
