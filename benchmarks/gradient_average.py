@@ -25,6 +25,8 @@ def _timed_process(rank, gradients, rendezvous, shapes, steps, results):
     import torch
     import torch.distributed as dist
 
+    from unifl.toy.bootstrap import flatten_gradients, set_flat_gradients
+
     torch.set_num_threads(1)
     processes = gradients.processes
     dist.init_process_group(
@@ -36,19 +38,18 @@ def _timed_process(rank, gradients, rendezvous, shapes, steps, results):
         grads = [torch.randn(shape, generator=generator) for shape in shapes]
         loss = torch.rand((), generator=generator)
 
-        def gloo_average() -> float:
-            flat = torch.cat([*(g.reshape(-1) for g in grads), loss.reshape(1)])
-            dist.all_reduce(flat)
-            flat /= processes
-            offset = 0
-            for parameter, grad in zip(parameters, grads, strict=True):
-                parameter.grad = flat[offset : offset + grad.numel()].view_as(parameter)
-                offset += grad.numel()
-            return float(flat[-1])
-
-        def shared_average() -> float:
+        def own_gradients() -> None:
             for parameter, grad in zip(parameters, grads, strict=True):
                 parameter.grad = grad
+
+        def gloo_average() -> float:
+            own_gradients()
+            flat = flatten_gradients(parameters, loss)
+            dist.all_reduce(flat)
+            return set_flat_gradients(parameters, flat / processes)
+
+        def shared_average() -> float:
+            own_gradients()
             return gradients.average(rank, parameters, loss)
 
         seconds = {}

@@ -27,7 +27,7 @@ from toy_table import toy_arguments
 
 def timed_run(boot, images, captions, params, batch: int, processes: int, steps: int) -> float:
     """Wall seconds of `steps` UNet steps of `batch` samples on `processes` processes."""
-    from unifl.models.base import load_base_model, save_base_model
+    from unifl.models.base import load_base_model
     from unifl.toy.bootstrap import train_denoiser, train_denoiser_in_processes
 
     training = {
@@ -46,10 +46,9 @@ def timed_run(boot, images, captions, params, batch: int, processes: int, steps:
         return time.perf_counter() - started
     scratch = Path(tempfile.mkdtemp(prefix="unifl-unet-step-"))
     try:
-        save_base_model(model, scratch)
         started = time.perf_counter()
         train_denoiser_in_processes(
-            scratch, images, captions, processes, params.project, False, **training
+            model, scratch, images, captions, processes, params.project, False, **training
         )
         return time.perf_counter() - started
     finally:

@@ -116,7 +116,6 @@ def test_segmenter_trains_alike_in_a_side_process(tmp_path):
 def test_unet_trained_by_two_processes_equals_one_process_on_the_whole_batch(tmp_path):
     """Data-parallel bootstrap training: each process takes half of every batch, gradients
     averaged; the weight average comes back from the processes as one process keeps it."""
-    from unifl.models.base import save_base_model
     from unifl.models.toy_presets import build_toy_model
     from unifl.toy.bootstrap import denoiser_ema, train_denoiser, train_denoiser_in_processes
     from unifl.toy.dataset import generate_toy_batch
@@ -127,9 +126,9 @@ def test_unet_trained_by_two_processes_equals_one_process_on_the_whole_batch(tmp
         steps=4, batch_size=4, learning_rate=1e-3, caption_dropout=0.25, seed=9, min_snr_gamma=5.0
     )
     model = build_toy_model("toy-sd15", seed=2)
-    save_base_model(model, tmp_path / "base")
 
     two, averages = train_denoiser_in_processes(
+        model,
         tmp_path / "base",
         images,
         batch.captions,

@@ -485,9 +485,8 @@ def train_base_model(
         metrics = train_denoiser(model, images, captions, progress=progress, ema=ema, **training)
         save_base_model(model, model_dir)
         return model, metrics, None if ema is None else ema.shadow
-    save_base_model(model, model_dir)
     metrics, averages = train_denoiser_in_processes(
-        model_dir, images, captions, processes, params.project, progress,
+        model, model_dir, images, captions, processes, params.project, progress,
         ema_decay=boot.unet_ema_decay, **training,
     )  # fmt: skip
     return load_base_model(model_dir), metrics, averages
@@ -555,23 +554,36 @@ class SharedGradients:
         """Replace the gradients of `parameters` by their mean over the processes; the mean loss."""
         rows = self.buffers[self.steps % 2]
         self.steps += 1
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-        torch.cat([*(g.reshape(-1) for g in grads), loss.detach().reshape(1)], out=rows[rank])
+        flatten_gradients(parameters, loss, out=rows[rank])
         self.barrier.wait()
         size = rows.shape[1]
         mine = slice(rank * size // self.processes, (rank + 1) * size // self.processes)
         for other in range(1, self.processes):
             rows[0, mine] += rows[other, mine]
         self.barrier.wait()
-        flat = rows[0] / self.processes
-        offset = 0
-        for parameter, grad in zip(parameters, grads, strict=True):
-            parameter.grad = flat[offset : offset + grad.numel()].view_as(parameter)
-            offset += grad.numel()
-        return float(flat[-1])
+        return set_flat_gradients(parameters, rows[0] / self.processes)
+
+
+def flatten_gradients(
+    parameters: list[torch.nn.Parameter], loss: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The gradients of `parameters` (zeros where there is none) and `loss`, end to end in one
+    vector (written into `out` when given)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    return torch.cat([*(g.reshape(-1) for g in grads), loss.detach().reshape(1)], out=out)
+
+
+def set_flat_gradients(parameters: list[torch.nn.Parameter], flat: torch.Tensor) -> float:
+    """Make the gradients of `parameters` views of a `flatten_gradients` vector; its loss."""
+    offset = 0
+    for parameter in parameters:
+        parameter.grad = flat[offset : offset + parameter.numel()].view_as(parameter)
+        offset += parameter.numel()
+    return float(flat[-1])
 
 
 def train_denoiser_in_processes(
+    model,
     model_dir: Path,
     images: torch.Tensor,
     captions: list[str],
@@ -581,10 +593,10 @@ def train_denoiser_in_processes(
     ema_decay: float | None = None,
     **training: Any,
 ) -> tuple[dict[str, float], dict[str, torch.Tensor] | None]:
-    """`train_denoiser` on `processes` CPU processes for the model saved in `model_dir`.
+    """`train_denoiser` of `model` on `processes` CPU processes, through `model_dir`.
 
-    Every process loads the model from `model_dir`; the first writes the
-    trained one (its last weights) back there. `training` takes
+    `model` is saved in `model_dir`, every process loads it from there, and
+    the first writes the trained one (its last weights) back. `training` takes
     `train_denoiser`'s other arguments. Returns the metrics and, with
     `ema_decay`, the moving averages by `denoiser_parameters` name.
     """
@@ -593,9 +605,10 @@ def train_denoiser_in_processes(
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
-    from unifl.models.base import load_base_model
+    from unifl.models.base import save_base_model
 
-    size = sum(p.numel() for p in denoiser_parameters(load_base_model(model_dir)).values())
+    save_base_model(model, model_dir)
+    size = sum(p.numel() for p in denoiser_parameters(model).values())
     gradients = SharedGradients(size + 1, processes)  # + 1: the loss
     with tempfile.TemporaryDirectory(prefix="unifl-unet-") as scratch:
         metrics_path = Path(scratch) / "metrics.json"
