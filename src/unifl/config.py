@@ -79,6 +79,18 @@ class BootstrapConfig(Section):
         "(SD1.5 and SDXL: 4). At 8 the base model sampled far worse in the bootstrap's UNet "
         "steps (docs/toy-world-results.md, Eight latent channels).",
     )
+    unet_layout: Literal["compact"] | None = Field(
+        None,
+        description="Block layout of the toy-sd15 UNet. None: SD1.5's pattern, cross-attention "
+        "in the 8x8 and 4x4 blocks and the mid block, with 1x1 convolutions as the transformers' "
+        "projections. 'compact': cross-attention in the 4x4 block and the mid block only, "
+        "through linear projections (SDXL's), the classes and channels unchanged: a training "
+        "step about 1.6 times as fast (benchmarks/unet_layout.py) and a bootstrap within 8 minutes on "
+        "2 cores that samples about as well, but the feedback stages' LoRA, on the attention "
+        "projections, has none at 8x8 and three of the toy table's eight directions fail on it "
+        "(docs/toy-world-results.md, The compact UNet layout). toy-sdxl has SDXL's layout, "
+        "which has no attention at 8x8 already.",
+    )
     vae_steps: int = Field(600, ge=0, description="Training steps of the toy VAE.")
     vae_learning_rate: float = Field(
         5e-3,
@@ -202,6 +214,15 @@ class BootstrapConfig(Section):
         "those timesteps as often as any other; with the default logit-normal draws, gamma 5 "
         "left the base model's caption-match as it was (benchmarks/toy_bootstrap.py).",
     )
+
+    @model_validator(mode="after")
+    def _compact_layout_is_sd15(self) -> BootstrapConfig:
+        if self.unet_layout is not None and self.family != "sd15":
+            raise ValueError(
+                f"bootstrap.unet_layout {self.unet_layout!r} is a layout of the sd15 family's "
+                f"toy UNet; bootstrap.family {self.family!r} has its own: leave it null"
+            )
+        return self
 
     @model_validator(mode="after")
     def _text_encoder_needs_clip(self) -> BootstrapConfig:

@@ -137,6 +137,28 @@ def test_latent_channels_set_the_vae_and_unet_together_and_survive_a_reload(pres
     torch.testing.assert_close(reloaded, images, rtol=0, atol=0)
 
 
+def test_compact_unet_layout_attends_below_8x8_only_and_survives_a_reload(tmp_path):
+    from unifl.config import load_params
+    from unifl.toy.bootstrap import untrained_model
+
+    params = load_params(None, overrides=["bootstrap.unet_layout=compact"])
+    model = untrained_model(params, seed=0)
+    unet = model.unet
+    assert not hasattr(unet.down_blocks[0], "attentions")
+    assert not hasattr(unet.up_blocks[2], "attentions")
+    assert isinstance(unet.down_blocks[1].attentions[0].proj_in, torch.nn.Linear)
+    assert isinstance(unet.mid_block.attentions[0].proj_out, torch.nn.Linear)
+    own = build_toy_model("toy-sd15", seed=0)
+    assert isinstance(own.unet.down_blocks[0].attentions[0].proj_in, torch.nn.Conv2d)
+    assert count_parameters(model)["unet"] < count_parameters(own)["unet"]
+    images = generate(model, PROMPTS, steps=2, guidance_scale=3.0, seed=7)
+    loaded = load_base_model(save_base_model(model, tmp_path / "compact"))
+    reloaded = generate(loaded, PROMPTS, steps=2, guidance_scale=3.0, seed=7)
+    torch.testing.assert_close(reloaded, images, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="UNet layout 'compact' for toy-sdxl"):
+        toy_configs("toy-sdxl", unet_layout="compact")
+
+
 def test_frozen_modules_are_eval_without_gradients(toy_models):
     model = toy_models["toy-sdxl"]
     frozen = model.frozen_modules()

@@ -16,7 +16,8 @@ code as a production checkpoint:
      same way SD's 0.18215 was measured.
    - UNet: block_out_channels (32, 64, 64), one ResNet per block, 8x8 -> 4x4
      -> 2x2. toy-sd15 mirrors SD1.5's block types (cross-attention in the two
-     high-resolution blocks, a plain block at the bottom); toy-sdxl mirrors
+     high-resolution blocks, a plain block at the bottom; `UNET_LAYOUTS`
+     holds a compact alternative without attention at 8x8); toy-sdxl mirrors
      SDXL's (no attention at full resolution, linear projections, more
      transformer layers deeper down) and uses SDXL's conditioning for real:
      `addition_embed_type="text_time"`, pooled text embedding plus six time
@@ -113,19 +114,35 @@ def _toy_text_config(vocab_size: int, with_projection: bool) -> dict[str, Any]:
     }
 
 
+UNET_LAYOUTS: dict[str, dict[str, Any]] = {
+    "compact": {
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "use_linear_projection": True,
+    },
+}
+"""toy-sd15 UNet layouts other than its own (`bootstrap.unet_layout`): changes to its config."""
+
+
 def toy_configs(
     preset: str,
     resolution: int = 32,
     vocab_size: int | None = None,
     latent_channels: int = TOY_LATENT_CHANNELS,
+    unet_layout: str | None = None,
 ) -> dict[str, Any]:
     """Component configs of a toy preset: {'unet', 'vae', 'text_encoder'[, 'text_encoder_2'], 'scheduler'}.
 
     `latent_channels` sets the VAE's latent channels and the UNet's input and
-    output channels together (SD1.5 and SDXL: 4).
+    output channels together (SD1.5 and SDXL: 4). `unet_layout` names one of
+    `UNET_LAYOUTS` for toy-sd15 (None: its own).
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown toy preset {preset!r}; known: {sorted(PRESETS)}")
+    if unet_layout is not None and (preset != "toy-sd15" or unet_layout not in UNET_LAYOUTS):
+        raise ValueError(
+            f"unknown UNet layout {unet_layout!r} for {preset}; toy-sd15 has {sorted(UNET_LAYOUTS)}"
+        )
     if resolution not in TOY_RESOLUTIONS:
         raise ValueError(f"toy resolution must be one of {TOY_RESOLUTIONS}, got {resolution}")
     family = PRESETS[preset]
@@ -163,6 +180,8 @@ def toy_configs(
                 "attention_head_dim": 4,  # diffusers reads this as the number of heads
             }
         )
+        if unet_layout is not None:
+            unet.update(UNET_LAYOUTS[unet_layout])
     else:
         configs["text_encoder"] = _toy_text_config(vocab_size, with_projection=False)
         configs["text_encoder_2"] = _toy_text_config(vocab_size, with_projection=True)
@@ -226,10 +245,11 @@ def build_toy_model(
     resolution: int = 32,
     seed: int = 0,
     latent_channels: int = TOY_LATENT_CHANNELS,
+    unet_layout: str | None = None,
 ) -> BaseModel:
     """A randomly initialised toy model (same classes as SD); the bootstrap trains it."""
     tokenizer = toy_tokenizer(TOY_TEXT_LENGTH)
-    configs = toy_configs(preset, resolution, len(tokenizer), latent_channels)
+    configs = toy_configs(preset, resolution, len(tokenizer), latent_channels, unet_layout)
     family = PRESETS[preset]
     tokenizer_2 = toy_tokenizer(TOY_TEXT_LENGTH) if family == "sdxl" else None
     return _build(family, configs, tokenizer, tokenizer_2, seed, source=preset)

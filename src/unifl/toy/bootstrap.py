@@ -441,7 +441,9 @@ def untrained_model(params: Params, seed: int):
     from unifl.models.toy_presets import build_toy_model
 
     boot = params.bootstrap
-    return build_toy_model(f"toy-{boot.family}", params.toy.resolution, seed, boot.latent_channels)
+    return build_toy_model(
+        f"toy-{boot.family}", params.toy.resolution, seed, boot.latent_channels, boot.unet_layout
+    )
 
 
 def train_base_model(
