@@ -33,7 +33,7 @@ def layouts() -> dict[str, dict]:
     no_attention = {key: compact[key] for key in ("down_block_types", "up_block_types")}
     return {
         "toy-sd15": own,
-        "compact": {**own, **compact},
+        "compact": toy_configs("toy-sd15", unet_layout="compact")["unet"],
         "no attention at 8x8": {**own, **no_attention},
         "linear projections": {**own, "use_linear_projection": True},
     }
