@@ -577,6 +577,22 @@ def test_adversarial_on_samples_keeps_the_top_quantile_and_trains(inputs, tmp_pa
     assert config["sampling"]["steps"] == 3
 
 
+def test_a_toy_preset_name_as_base_takes_the_bootstraps_latents_and_layout():
+    from unifl.feedback.stages import load_stage_model
+
+    settings = ["bootstrap.latent_channels=8", "bootstrap.unet_layout=compact"]
+    sd15 = load_stage_model(params(*settings), "toy-sd15")
+    assert sd15.unet.config.in_channels == sd15.vae.config.latent_channels == 8
+    assert sd15.unet.config.down_block_types[0] == "DownBlock2D"
+    assert sd15.unet.config.use_linear_projection
+    # The layout is toy-sd15's: toy-sdxl keeps its own and takes the latent channels only.
+    sdxl = load_stage_model(params(*settings), "toy-sdxl")
+    assert sdxl.unet.config.in_channels == 8
+    assert list(sdxl.unet.config.down_block_types) == list(
+        build_toy_model("toy-sdxl").unet.config.down_block_types
+    )
+
+
 def test_pefl_names_the_missing_label_maps():
     from unifl.feedback.pefl import collate_images, perceptual_annotations
 

@@ -69,13 +69,23 @@ class StageResult:
 
 
 def load_stage_model(params: Params, base: str | Path) -> BaseModel:
-    """The base model to tune: a toy preset name, a diffusers directory or a hub id (in fp32)."""
+    """The base model to tune: a toy preset name, a diffusers directory or a hub id (in fp32).
+
+    A toy preset name gives the preset randomly initialised at `project.seed`, with the
+    bootstrap's `latent_channels` and, for toy-sd15, its `unet_layout`."""
     from unifl.models.base import load_base_model
-    from unifl.models.toy_presets import build_toy_model, is_toy_preset
+    from unifl.models.toy_presets import PRESETS, build_toy_model, is_toy_preset
 
     source = str(base)
     if is_toy_preset(source):
-        return build_toy_model(source, resolution=params.toy.resolution, seed=params.project.seed)
+        boot = params.bootstrap
+        return build_toy_model(
+            source,
+            resolution=params.toy.resolution,
+            seed=params.project.seed,
+            latent_channels=boot.latent_channels,
+            unet_layout=boot.unet_layout if PRESETS[source] == "sd15" else None,
+        )
     return load_base_model(source, family=params.model.family, revision=params.model.revision)
 
 
