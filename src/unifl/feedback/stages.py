@@ -71,21 +71,15 @@ class StageResult:
 def load_stage_model(params: Params, base: str | Path) -> BaseModel:
     """The base model to tune: a toy preset name, a diffusers directory or a hub id (in fp32).
 
-    A toy preset name gives the preset randomly initialised at `project.seed`, with the
-    bootstrap's `latent_channels` and, for toy-sd15, its `unet_layout`."""
+    A toy preset name gives the preset randomly initialised at `project.seed`, as a
+    bootstrap of `params` would start it."""
     from unifl.models.base import load_base_model
-    from unifl.models.toy_presets import PRESETS, build_toy_model, is_toy_preset
+    from unifl.models.toy_presets import is_toy_preset
+    from unifl.toy.bootstrap import untrained_model
 
     source = str(base)
     if is_toy_preset(source):
-        boot = params.bootstrap
-        return build_toy_model(
-            source,
-            resolution=params.toy.resolution,
-            seed=params.project.seed,
-            latent_channels=boot.latent_channels,
-            unet_layout=boot.unet_layout if PRESETS[source] == "sd15" else None,
-        )
+        return untrained_model(params, params.project.seed, preset=source)
     return load_base_model(source, family=params.model.family, revision=params.model.revision)
 
 

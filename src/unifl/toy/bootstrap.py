@@ -436,14 +436,17 @@ def text_encoders_from_clip(model, clip_dir: Path) -> None:
         model.text_encoder_2 = second.eval()
 
 
-def untrained_model(params: Params, seed: int):
-    """The randomly initialised toy model a bootstrap of `params` starts from at `seed`."""
-    from unifl.models.toy_presets import build_toy_model
+def untrained_model(params: Params, seed: int, preset: str | None = None):
+    """The randomly initialised toy model a bootstrap of `params` starts from at `seed`.
+
+    `preset` (default: `bootstrap.family`'s) takes the bootstrap's latent channels and,
+    for toy-sd15, its UNet layout; toy-sdxl keeps SDXL's."""
+    from unifl.models.toy_presets import PRESETS, build_toy_model
 
     boot = params.bootstrap
-    return build_toy_model(
-        f"toy-{boot.family}", params.toy.resolution, seed, boot.latent_channels, boot.unet_layout
-    )
+    preset = preset or f"toy-{boot.family}"
+    layout = boot.unet_layout if PRESETS[preset] == "sd15" else None
+    return build_toy_model(preset, params.toy.resolution, seed, boot.latent_channels, layout)
 
 
 def train_base_model(
