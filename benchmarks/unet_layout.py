@@ -10,9 +10,7 @@ of it:
 
 - `compact` (`bootstrap.unet_layout=compact`): cross-attention in the 4x4
   block and the mid block only, through linear projections;
-- `lean` (`bootstrap.unet_layout=lean`): toy-sd15's own without the 8x8 up
-  block's cross-attention;
-- each half of compact alone: no attention at 8x8, and linear projections.
+- each half of it alone: no attention at 8x8, and linear projections.
 
 Each row is the mean over `--steps` after 5 warm-up steps, rows interleaved
 over `--rounds` so that the machine's speed drifting moves all of them alike.
@@ -27,7 +25,7 @@ import time
 
 
 def layouts() -> dict[str, dict]:
-    """UNet configs by name: toy-sd15's own, its compact and lean layouts, and each half of compact."""
+    """UNet configs by name: toy-sd15's own, its compact layout, and each half of that."""
     from unifl.models.toy_presets import UNET_LAYOUTS, toy_configs
 
     own = toy_configs("toy-sd15")["unet"]
@@ -36,7 +34,6 @@ def layouts() -> dict[str, dict]:
     return {
         "toy-sd15": own,
         "compact": toy_configs("toy-sd15", unet_layout="compact")["unet"],
-        "lean": toy_configs("toy-sd15", unet_layout="lean")["unet"],
         "no attention at 8x8": {**own, **no_attention},
         "linear projections": {**own, "use_linear_projection": True},
     }

@@ -79,7 +79,7 @@ class BootstrapConfig(Section):
         "(SD1.5 and SDXL: 4). At 8 the base model sampled far worse in the bootstrap's UNet "
         "steps (docs/toy-world-results.md, Eight latent channels).",
     )
-    unet_layout: Literal["compact", "lean"] | None = Field(
+    unet_layout: Literal["compact"] | None = Field(
         None,
         description="Block layout of the toy-sd15 UNet. None: SD1.5's pattern, cross-attention "
         "in the 8x8 and 4x4 blocks and the mid block, with 1x1 convolutions as the transformers' "
@@ -89,9 +89,7 @@ class BootstrapConfig(Section):
         "2 cores that samples about as well, but the feedback stages' LoRA, on the attention "
         "projections, has none at 8x8, and on it decoupled FL drifts past the toy table's "
         "Fréchet bound on the bootstraps of seeds 0 and 1 (the default layout stays within it "
-        "on seeds 0-2; docs/toy-world-results.md, The compact UNet layout). 'lean': SD1.5's "
-        "pattern without the cross-attention of the 8x8 up block, so the 8x8 down block keeps "
-        "its transformer and the LoRA adapters on it: a step about 1.3 times as fast. toy-sdxl has SDXL's "
+        "on seeds 0-2; docs/toy-world-results.md, The compact UNet layout). toy-sdxl has SDXL's "
         "layout, which has no attention at 8x8 already.",
     )
     vae_steps: int = Field(600, ge=0, description="Training steps of the toy VAE.")
@@ -219,7 +217,7 @@ class BootstrapConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _unet_layout_is_sd15(self) -> BootstrapConfig:
+    def _compact_layout_is_sd15(self) -> BootstrapConfig:
         if self.unet_layout is not None and self.family != "sd15":
             raise ValueError(
                 f"bootstrap.unet_layout {self.unet_layout!r} is a layout of the sd15 family's "

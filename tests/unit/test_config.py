@@ -78,14 +78,12 @@ def test_override_errors_name_the_override():
     )
 
 
-def test_the_sd15_unet_layouts_are_refused_for_sdxl():
+def test_the_compact_unet_layout_is_refused_for_sdxl():
     assert load_params(None, overrides=["bootstrap.unet_layout=compact"]).bootstrap.unet_layout == (
         "compact"
     )
     with pytest.raises(ConfigError, match="bootstrap.unet_layout 'compact'.*family 'sdxl'"):
         load_params(None, overrides=["bootstrap.unet_layout=compact", "bootstrap.family=sdxl"])
-    with pytest.raises(ConfigError, match="bootstrap.unet_layout 'lean'.*family 'sdxl'"):
-        load_params(None, overrides=["bootstrap.unet_layout=lean", "bootstrap.family=sdxl"])
     with pytest.raises(ConfigError, match="unet_layout"):
         load_params(None, overrides=["bootstrap.unet_layout=small"])
 

@@ -120,9 +120,6 @@ UNET_LAYOUTS: dict[str, dict[str, Any]] = {
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
         "use_linear_projection": True,
     },
-    "lean": {
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    },
 }
 """toy-sd15 UNet layouts other than its own (`bootstrap.unet_layout`): changes to its config."""
 
