@@ -19,7 +19,16 @@ the changed one (0.5: the CLIP cannot tell them apart):
 * `above/below`: one "above" made "below" or the other way round;
 * `swap`: the subject and another object swapped, which also reverses their relation.
 
-Layout asks for the last three. Head test, with `--data DIR` (a toy table's data
+Layout asks for the last three. With `--matching-steps N`, the same tests for
+an image-text matching head on the bootstrap's frozen CLIP (`MatchingHead`: the
+caption's tokens attend to each other and over the image's patch tokens), trained N
+steps on the training images to score each image's own caption above a changed
+one (one change of the five per image, drawn among those its caption allows;
+logistic loss on the difference), so that the supervision is as dense as the
+training set rather than as the labelled pairs: whether the patch tokens hold
+where the objects are, for a head that is told enough.
+
+Head test, with `--data DIR` (a toy table's data
 directory): two layout heads on the bootstrap's CLIP, frozen, trained on DIR's
 layout labels with the reward stage's Bradley-Terry loss (ties soft), epochs,
 batch size and learning rate, over `--seeds`, on DIR's own validation prompts
@@ -99,6 +108,18 @@ def changed_caption(caption: str, change: str, rng: random.Random) -> str | None
     return None if changed == caption else changed
 
 
+def change_pairs(
+    captions: list[str], change: str, rng: random.Random
+) -> tuple[torch.Tensor, list[str]]:
+    """The rows of the captions that allow `change`, and each one's changed caption."""
+    pairs = [
+        (number, changed)
+        for number, caption in enumerate(captions)
+        if (changed := changed_caption(caption, change, rng)) is not None
+    ]
+    return torch.tensor([number for number, _ in pairs]), [changed for _, changed in pairs]
+
+
 def caption_tests(model, images: torch.Tensor, captions: list[str], seed: int) -> dict[str, dict]:
     """Retrieval top-1 and, per change, {share own > changed, images} for a reward-model wrapper."""
     from unifl.toy.clip import retrieval_accuracy
@@ -114,15 +135,10 @@ def caption_tests(model, images: torch.Tensor, captions: list[str], seed: int) -
         retrieval, chance = retrieval_accuracy(image_embeds, own, captions)
         result = {"retrieval": {"share": retrieval, "chance": chance, "images": len(captions)}}
         for change in CHANGES:
-            pairs = [
-                (number, changed)
-                for number, caption in enumerate(captions)
-                if (changed := changed_caption(caption, change, rng)) is not None
-            ]
-            rows = torch.tensor([number for number, _ in pairs])
-            other = text([changed for _, changed in pairs])
+            rows, changed = change_pairs(captions, change, rng)
+            other = text(changed)
             wins = (image_embeds[rows] * own[rows]).sum(-1) > (image_embeds[rows] * other).sum(-1)
-            result[change] = {"share": wins.float().mean().item(), "images": len(pairs)}
+            result[change] = {"share": wins.float().mean().item(), "images": len(changed)}
     return result
 
 
@@ -222,6 +238,39 @@ class CrossAttentionHead(nn.Module):
         return self.out(pooled).squeeze(-1)
 
 
+class MatchingHead(nn.Module):
+    """An image-text matching head: the caption's tokens attend to each other and to the patches.
+
+    Transformer decoder layers over the caption's token states (self-attention,
+    then cross-attention over the image's patch tokens with learned patch
+    positions, then a feed-forward), mean over the caption, a score. Unlike
+    `CrossAttentionHead`, the caption's words see each other after looking at
+    the image, so "left of" can compare where its subject and its object are.
+    """
+
+    def __init__(
+        self, text_width: int, image_width: int, patches: int, width: int = 64, layers: int = 2
+    ) -> None:
+        super().__init__()
+        self.query = nn.Linear(text_width, width)
+        self.key_value = nn.Linear(image_width, width)
+        self.positions = nn.Parameter(torch.zeros(1, patches, width))
+        layer = nn.TransformerDecoderLayer(
+            width, 4, 2 * width, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.decoder = nn.TransformerDecoder(layer, layers)
+        self.out = nn.Sequential(
+            nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, 1)
+        )
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        patches = self.key_value(features["patches"]) + self.positions
+        mask = features["mask"]
+        states = self.decoder(self.query(features["tokens"]), patches, tgt_key_padding_mask=~mask)
+        weights = mask.unsqueeze(-1).to(states.dtype)
+        return self.out((states * weights).sum(1) / weights.sum(1)).squeeze(-1)
+
+
 class PooledHead(nn.Module):
     """The reward model's own head on `[i, t, i*t]` of the pooled, projected embeddings."""
 
@@ -237,23 +286,97 @@ class PooledHead(nn.Module):
         return self.head(fuse_features(features["image"], features["text"])).squeeze(-1)
 
 
-def frozen_features(model, images: torch.Tensor, prompts: list[str]) -> tuple[dict, dict]:
-    """Per image: pooled embedding and patch tokens; per prompt: embedding, tokens and mask."""
+def frozen_image_features(model, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per image: the pooled, projected embedding and the patch tokens of the frozen CLIP."""
     clip = model.backbone
     with torch.no_grad():
         vision = clip.vision_model(pixel_values=model.preprocess(images))
-        tokens = model.tokenize(prompts)
-        text = clip.text_model(**tokens)
-        image_side = {
+        return {
             "image": clip.visual_projection(vision.pooler_output),
             "patches": clip.vision_model.post_layernorm(vision.last_hidden_state),
         }
-        text_side = {
+
+
+def frozen_text_features(model, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Per prompt: the pooled, projected embedding, the token states and their mask."""
+    clip = model.backbone
+    with torch.no_grad():
+        tokens = model.tokenize(prompts)
+        text = clip.text_model(**tokens)
+        return {
             "text": clip.text_projection(text.pooler_output),
             "tokens": text.last_hidden_state,
             "mask": tokens["attention_mask"].bool(),
         }
-    return image_side, text_side
+
+
+def frozen_features(model, images: torch.Tensor, prompts: list[str]) -> tuple[dict, dict]:
+    """Per image: pooled embedding and patch tokens; per prompt: embedding, tokens and mask."""
+    return frozen_image_features(model, images), frozen_text_features(model, prompts)
+
+
+def changed_captions(captions: list[str], rng: random.Random) -> list[str]:
+    """One changed caption per caption: a change drawn among those the caption allows."""
+    changed = []
+    for caption in captions:
+        for change in rng.sample(CHANGES, len(CHANGES)):
+            if (other := changed_caption(caption, change, rng)) is not None:
+                changed.append(other)
+                break
+    return changed
+
+
+def train_matching_head(model, images: torch.Tensor, captions: list[str], steps: int, seed: int):
+    """A `MatchingHead` on `model`'s frozen CLIP scoring own captions above changed ones.
+
+    Returns (head, score) where `score(image_side, captions)` scores images' features
+    against captions.
+    """
+    from unifl.models.minibatch import train_on_minibatches
+
+    patches = frozen_image_features(model, images)["patches"]
+    torch.manual_seed(seed)
+    text_width = frozen_text_features(model, captions[:1])["tokens"].shape[-1]
+    head = MatchingHead(text_width, patches.shape[-1], patches.shape[1])
+    rng = random.Random(seed)
+
+    def score(images_side: dict[str, torch.Tensor], texts: list[str]) -> torch.Tensor:
+        return head({"patches": images_side["patches"], **frozen_text_features(model, texts)})
+
+    def loss_of(index: torch.Tensor) -> torch.Tensor:
+        own = [captions[i] for i in index.tolist()]
+        picked = {"patches": patches[index]}
+        margin = score(picked, own) - score(picked, changed_captions(own, rng))
+        return F.softplus(-margin).mean()
+
+    head.train()
+    train_on_minibatches(
+        head.parameters(),
+        loss_of,
+        len(captions),
+        steps,
+        128,
+        1e-3,
+        weight_decay=0.01,
+        generator=torch.Generator().manual_seed(seed),
+        description="matching head",
+    )
+    return head.eval(), score
+
+
+def matching_tests(model, score, images: torch.Tensor, captions: list[str], seed: int) -> dict:
+    """Per change, {share own > changed, images} for the matching head's `score`."""
+    image_side = frozen_image_features(model, images)
+    rng = random.Random(seed)
+    result = {}
+    with torch.no_grad():
+        for change in CHANGES:
+            rows, changed = change_pairs(captions, change, rng)
+            picked = {"patches": image_side["patches"][rows]}
+            own = score(picked, [captions[number] for number in rows.tolist()])
+            other = score(picked, changed)
+            result[change] = {"share": (own > other).float().mean().item(), "images": len(changed)}
+    return result
 
 
 def head_tests(params, data: Path, model, seeds: list[int]) -> dict[str, list[dict]]:
@@ -350,6 +473,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--mirror-steps", type=int, default=0, help="also train a CLIP with mirrored scenes"
     )
+    parser.add_argument(
+        "--matching-steps",
+        type=int,
+        default=0,
+        help="also train a matching head on the bootstrap CLIP's patch tokens",
+    )
     parser.add_argument("--data", type=Path, default=None, help="a toy table's data directory")
     parser.add_argument("--train-images", type=int, default=600)
     parser.add_argument("--out", type=Path, default=Path("runs/layout_reward"))
@@ -402,6 +531,20 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {clip_name} | {set_name} | {retrieval['share']:.3f} "
                 f"(chance {retrieval['chance']:.3f}) | {cells} |"
             )
+    if args.matching_steps:
+        head, score = train_matching_head(
+            bootstrap_clip, images, captions, args.matching_steps, params.project.seed
+        )
+        name = f"matching head on the bootstrap CLIP's patches ({args.matching_steps} steps)"
+        for set_name, (set_images, set_captions) in sets.items():
+            tests = matching_tests(
+                bootstrap_clip, score, set_images, set_captions, params.project.seed
+            )
+            record["captions"][f"{name}, {set_name}"] = tests
+            cells = " | ".join(
+                f"{tests[change]['share']:.3f} ({tests[change]['images']})" for change in CHANGES
+            )
+            lines.append(f"| {name} | {set_name} | | {cells} |")
     lines.append("")
     lines.append("share of images whose own caption scores higher than the changed one (images)")
     if args.data is not None:
