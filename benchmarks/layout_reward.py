@@ -1,6 +1,7 @@
 """Why the layout reward model stays at chance: what the toy CLIP tells apart, and a head on patches.
 
     python benchmarks/layout_reward.py [--negative-steps 2000] [--mirror-steps 3000] [--data DIR]
+    python benchmarks/layout_reward.py --matching-steps 3000 [--matching-features clip pixels]
 
 Caption tests. For the bootstrap's pretrained toy CLIP (`bootstrap.clip_steps`),
 and with `--negative-steps N` for a toy CLIP trained N steps on the same images
@@ -25,8 +26,10 @@ caption's tokens attend to each other and over the image's patch tokens), traine
 steps on the training images to score each image's own caption above a changed
 one (one change of the five per image, drawn among those its caption allows;
 logistic loss on the difference), so that the supervision is as dense as the
-training set rather than as the labelled pairs: whether the patch tokens hold
-where the objects are, for a head that is told enough.
+training set rather than as the labelled pairs. `--matching-features pixels`
+trains the same head on the raw 4x4 pixel patches instead (both: `clip
+pixels`), where every object's place is plain: the control that tells whether
+the CLIP's features or the head's learning is what stops it.
 
 Head test, with `--data DIR` (a toy table's data
 directory): two layout heads on the bootstrap's CLIP, frozen, trained on DIR's
@@ -326,15 +329,24 @@ def changed_captions(captions: list[str], rng: random.Random) -> list[str]:
     return changed
 
 
-def train_matching_head(model, images: torch.Tensor, captions: list[str], steps: int, seed: int):
-    """A `MatchingHead` on `model`'s frozen CLIP scoring own captions above changed ones.
+def pixel_patches(images: torch.Tensor, size: int = 4) -> torch.Tensor:
+    """[N, patches, 3 * size * size]: the images' non-overlapping size x size patches, in [-1, 1]."""
+    patches = F.unfold(images * 2 - 1, kernel_size=size, stride=size)
+    return patches.transpose(1, 2)
 
-    Returns (head, score) where `score(image_side, captions)` scores images' features
-    against captions.
+
+def train_matching_head(
+    model, patches_of, images: torch.Tensor, captions: list[str], steps: int, seed: int
+):
+    """A `MatchingHead` on `patches_of(images)` scoring own captions above changed ones.
+
+    The caption side is `model`'s frozen CLIP text tower. Returns (head, score)
+    where `score(image_side, captions)` scores images' features against captions.
     """
     from unifl.models.minibatch import train_on_minibatches
 
-    patches = frozen_image_features(model, images)["patches"]
+    with torch.no_grad():
+        patches = patches_of(images)
     torch.manual_seed(seed)
     text_width = frozen_text_features(model, captions[:1])["tokens"].shape[-1]
     head = MatchingHead(text_width, patches.shape[-1], patches.shape[1])
@@ -364,15 +376,14 @@ def train_matching_head(model, images: torch.Tensor, captions: list[str], steps:
     return head.eval(), score
 
 
-def matching_tests(model, score, images: torch.Tensor, captions: list[str], seed: int) -> dict:
-    """Per change, {share own > changed, images} for the matching head's `score`."""
-    image_side = frozen_image_features(model, images)
+def matching_tests(score, patches: torch.Tensor, captions: list[str], seed: int) -> dict:
+    """Per change, {share own > changed, images} for the matching head's `score` of `patches`."""
     rng = random.Random(seed)
     result = {}
     with torch.no_grad():
         for change in CHANGES:
             rows, changed = change_pairs(captions, change, rng)
-            picked = {"patches": image_side["patches"][rows]}
+            picked = {"patches": patches[rows]}
             own = score(picked, [captions[number] for number in rows.tolist()])
             other = score(picked, changed)
             result[change] = {"share": (own > other).float().mean().item(), "images": len(changed)}
@@ -479,6 +490,13 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="also train a matching head on the bootstrap CLIP's patch tokens",
     )
+    parser.add_argument(
+        "--matching-features",
+        nargs="+",
+        choices=["clip", "pixels"],
+        default=["clip"],
+        help="what the matching head attends over: the CLIP's patch tokens, the raw 4x4 patches",
+    )
     parser.add_argument("--data", type=Path, default=None, help="a toy table's data directory")
     parser.add_argument("--train-images", type=int, default=600)
     parser.add_argument("--out", type=Path, default=Path("runs/layout_reward"))
@@ -531,15 +549,25 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {clip_name} | {set_name} | {retrieval['share']:.3f} "
                 f"(chance {retrieval['chance']:.3f}) | {cells} |"
             )
-    if args.matching_steps:
-        head, score = train_matching_head(
-            bootstrap_clip, images, captions, args.matching_steps, params.project.seed
+
+    def clip_patches(batch: torch.Tensor) -> torch.Tensor:
+        return frozen_image_features(bootstrap_clip, batch)["patches"]
+
+    features = {
+        "clip": ("the bootstrap CLIP's patches", clip_patches),
+        "pixels": ("raw 4x4 pixel patches", pixel_patches),
+    }
+
+    for feature in args.matching_features if args.matching_steps else []:
+        label, patches_of = features[feature]
+        _, score = train_matching_head(
+            bootstrap_clip, patches_of, images, captions, args.matching_steps, params.project.seed
         )
-        name = f"matching head on the bootstrap CLIP's patches ({args.matching_steps} steps)"
+        name = f"matching head on {label} ({args.matching_steps} steps)"
         for set_name, (set_images, set_captions) in sets.items():
-            tests = matching_tests(
-                bootstrap_clip, score, set_images, set_captions, params.project.seed
-            )
+            with torch.no_grad():
+                set_patches = patches_of(set_images)
+            tests = matching_tests(score, set_patches, set_captions, params.project.seed)
             record["captions"][f"{name}, {set_name}"] = tests
             cells = " | ".join(
                 f"{tests[change]['share']:.3f} ({tests[change]['images']})" for change in CHANGES
