@@ -29,7 +29,9 @@ logistic loss on the difference), so that the supervision is as dense as the
 training set rather than as the labelled pairs. `--matching-features pixels`
 trains the same head on the raw 4x4 pixel patches instead (both: `clip
 pixels`), where every object's place is plain: the control that tells whether
-the CLIP's features or the head's learning is what stops it.
+the CLIP's features or the head's learning is what stops it. `--matching-scenes N`
+trains it on N scenes, the training images and the training seed's next
+images (generated, none of them held out), instead of the training images alone.
 
 Head test, with `--data DIR` (a toy table's data
 directory): two layout heads on the bootstrap's CLIP, frozen, trained on DIR's
@@ -497,6 +499,13 @@ def main(argv: list[str] | None = None) -> int:
         default=["clip"],
         help="what the matching head attends over: the CLIP's patch tokens, the raw 4x4 patches",
     )
+    parser.add_argument(
+        "--matching-scenes",
+        type=int,
+        default=None,
+        help="train the matching head on this many scenes: the bootstrap's training images "
+        "and the training seed's next ones (default: the training images alone)",
+    )
     parser.add_argument("--data", type=Path, default=None, help="a toy table's data directory")
     parser.add_argument("--train-images", type=int, default=600)
     parser.add_argument("--out", type=Path, default=Path("runs/layout_reward"))
@@ -558,12 +567,34 @@ def main(argv: list[str] | None = None) -> int:
         "pixels": ("raw 4x4 pixel patches", pixel_patches),
     }
 
+    scene_images, scene_captions = images, captions
+    if args.matching_scenes is not None and args.matching_scenes > len(captions):
+        from unifl.toy.dataset import generate_toy_batch
+
+        toy = params.toy
+        more = generate_toy_batch(
+            args.matching_scenes - len(captions),
+            toy.seed,
+            toy.resolution,
+            toy.min_objects,
+            toy.max_objects,
+            start_index=len(captions),
+        )
+        scene_images = torch.cat([images, more.image_tensor()])
+        scene_captions = captions + more.captions
     for feature in args.matching_features if args.matching_steps else []:
         label, patches_of = features[feature]
         _, score = train_matching_head(
-            bootstrap_clip, patches_of, images, captions, args.matching_steps, params.project.seed
+            bootstrap_clip,
+            patches_of,
+            scene_images,
+            scene_captions,
+            args.matching_steps,
+            params.project.seed,
         )
-        name = f"matching head on {label} ({args.matching_steps} steps)"
+        name = (
+            f"matching head on {label} ({args.matching_steps} steps, {len(scene_captions)} scenes)"
+        )
         for set_name, (set_images, set_captions) in sets.items():
             with torch.no_grad():
                 set_patches = patches_of(set_images)
