@@ -30,8 +30,8 @@ training set rather than as the labelled pairs. `--matching-features pixels`
 trains the same head on the raw 4x4 pixel patches instead (both: `clip
 pixels`), where every object's place is plain: the control that tells whether
 the CLIP's features or the head's learning is what stops it. `--matching-scenes N`
-trains it on N scenes, the training images and the training seed's next
-images (generated, none of them held out), instead of the training images alone.
+trains it on N scenes instead of the training images: the first N of them, or
+all and the training seed's next images (generated, none of them held out).
 
 Head test, with `--data DIR` (a toy table's data
 directory): two layout heads on the bootstrap's CLIP, frozen, trained on DIR's
@@ -315,11 +315,6 @@ def frozen_text_features(model, prompts: list[str]) -> dict[str, torch.Tensor]:
         }
 
 
-def frozen_features(model, images: torch.Tensor, prompts: list[str]) -> tuple[dict, dict]:
-    """Per image: pooled embedding and patch tokens; per prompt: embedding, tokens and mask."""
-    return frozen_image_features(model, images), frozen_text_features(model, prompts)
-
-
 def changed_captions(captions: list[str], rng: random.Random) -> list[str]:
     """One changed caption per caption: a change drawn among those the caption allows."""
     changed = []
@@ -342,25 +337,23 @@ def train_matching_head(
 ):
     """A `MatchingHead` on `patches_of(images)` scoring own captions above changed ones.
 
-    The caption side is `model`'s frozen CLIP text tower. Returns (head, score)
-    where `score(image_side, captions)` scores images' features against captions.
+    The caption side is `model`'s frozen CLIP text tower. Returns the trained
+    head's `score(patches, captions)`.
     """
     from unifl.models.minibatch import train_on_minibatches
 
-    with torch.no_grad():
-        patches = patches_of(images)
+    patches = patches_of(images)
     torch.manual_seed(seed)
-    text_width = frozen_text_features(model, captions[:1])["tokens"].shape[-1]
+    text_width = model.backbone.config.text_config.hidden_size
     head = MatchingHead(text_width, patches.shape[-1], patches.shape[1])
     rng = random.Random(seed)
 
-    def score(images_side: dict[str, torch.Tensor], texts: list[str]) -> torch.Tensor:
-        return head({"patches": images_side["patches"], **frozen_text_features(model, texts)})
+    def score(image_patches: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        return head({"patches": image_patches, **frozen_text_features(model, texts)})
 
     def loss_of(index: torch.Tensor) -> torch.Tensor:
         own = [captions[i] for i in index.tolist()]
-        picked = {"patches": patches[index]}
-        margin = score(picked, own) - score(picked, changed_captions(own, rng))
+        margin = score(patches[index], own) - score(patches[index], changed_captions(own, rng))
         return F.softplus(-margin).mean()
 
     head.train()
@@ -375,7 +368,8 @@ def train_matching_head(
         generator=torch.Generator().manual_seed(seed),
         description="matching head",
     )
-    return head.eval(), score
+    head.eval()
+    return score
 
 
 def matching_tests(score, patches: torch.Tensor, captions: list[str], seed: int) -> dict:
@@ -385,9 +379,8 @@ def matching_tests(score, patches: torch.Tensor, captions: list[str], seed: int)
     with torch.no_grad():
         for change in CHANGES:
             rows, changed = change_pairs(captions, change, rng)
-            picked = {"patches": patches[rows]}
-            own = score(picked, [captions[number] for number in rows.tolist()])
-            other = score(picked, changed)
+            own = score(patches[rows], [captions[number] for number in rows.tolist()])
+            other = score(patches[rows], changed)
             result[change] = {"share": (own > other).float().mean().item(), "images": len(changed)}
     return result
 
@@ -416,7 +409,8 @@ def head_tests(params, data: Path, model, seeds: list[int]) -> dict[str, list[di
     distinct = sorted(set(prompts))
     prompt_row = {prompt: number for number, prompt in enumerate(distinct)}
     store = ImageStore(data / "pairs")
-    image_side, text_side = frozen_features(model, store.batch(paths), distinct)
+    image_side = frozen_image_features(model, store.batch(paths))
+    text_side = frozen_text_features(model, distinct)
     winner = torch.tensor([image_row[path] for path in table["image_w"]])
     loser = torch.tensor([image_row[path] for path in table["image_l"]])
     prompt = torch.tensor([prompt_row[text] for text in prompts])
@@ -503,13 +497,15 @@ def main(argv: list[str] | None = None) -> int:
         "--matching-scenes",
         type=int,
         default=None,
-        help="train the matching head on this many scenes: the bootstrap's training images "
-        "and the training seed's next ones (default: the training images alone)",
+        help="train the matching head on this many scenes: the first of the bootstrap's "
+        "training images, then the training seed's next ones (default: the training images)",
     )
     parser.add_argument("--data", type=Path, default=None, help="a toy table's data directory")
     parser.add_argument("--train-images", type=int, default=600)
     parser.add_argument("--out", type=Path, default=Path("runs/layout_reward"))
     args = parser.parse_args(argv)
+    if args.matching_scenes is not None and args.matching_scenes < 1:
+        parser.error(f"--matching-scenes must be at least 1, got {args.matching_scenes}")
 
     from unifl.config import load_params
     from unifl.models.precision import apply_num_threads
@@ -567,13 +563,14 @@ def main(argv: list[str] | None = None) -> int:
         "pixels": ("raw 4x4 pixel patches", pixel_patches),
     }
 
-    scene_images, scene_captions = images, captions
-    if args.matching_scenes is not None and args.matching_scenes > len(captions):
+    scenes = args.matching_scenes or len(captions)
+    scene_images, scene_captions = images[:scenes], captions[:scenes]
+    if scenes > len(captions):
         from unifl.toy.dataset import generate_toy_batch
 
         toy = params.toy
         more = generate_toy_batch(
-            args.matching_scenes - len(captions),
+            scenes - len(captions),
             toy.seed,
             toy.resolution,
             toy.min_objects,
@@ -584,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         scene_captions = captions + more.captions
     for feature in args.matching_features if args.matching_steps else []:
         label, patches_of = features[feature]
-        _, score = train_matching_head(
+        score = train_matching_head(
             bootstrap_clip,
             patches_of,
             scene_images,
@@ -596,9 +593,7 @@ def main(argv: list[str] | None = None) -> int:
             f"matching head on {label} ({args.matching_steps} steps, {len(scene_captions)} scenes)"
         )
         for set_name, (set_images, set_captions) in sets.items():
-            with torch.no_grad():
-                set_patches = patches_of(set_images)
-            tests = matching_tests(score, set_patches, set_captions, params.project.seed)
+            tests = matching_tests(score, patches_of(set_images), set_captions, params.project.seed)
             record["captions"][f"{name}, {set_name}"] = tests
             cells = " | ".join(
                 f"{tests[change]['share']:.3f} ({tests[change]['images']})" for change in CHANGES
