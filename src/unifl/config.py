@@ -101,13 +101,13 @@ class BootstrapConfig(Section):
         "benchmarks/toy_bootstrap.py).",
     )
     vae_decoder_steps: int = Field(
-        200,
+        800,
         ge=0,
         description="Steps that train the toy VAE's decoder alone after the VAE, its encoder "
         "frozen, as SD's VAE decoder was fine-tuned after its first training: the latents, and "
         "so the UNet's training, stay as they are and the decoder draws their shapes sharper "
-        "(benchmarks/toy_bootstrap.py --set bootstrap.vae_decoder_steps=0 gives the VAE "
-        "without it). 0: none.",
+        "(benchmarks/toy_bootstrap.py --baseline bootstrap.vae_decoder_steps=N measures the "
+        "base model with N steps instead, paired by seed). 0: none.",
     )
     vae_decoder_learning_rate: float = Field(
         1e-3,
