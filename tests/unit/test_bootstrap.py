@@ -275,6 +275,52 @@ def test_vae_decoder_steps_train_the_decoder_alone():
     assert not vae.training and not any(p.requires_grad for p in vae.parameters())
 
 
+def test_vae_decoder_trains_alike_in_the_side_process():
+    """The decoder's phase runs in the side process beside the UNet: the weights it sends back
+    are those it trains in this process, bit for bit, and only the decoder's."""
+    from unifl.models.toy_presets import build_toy_model
+    from unifl.toy.bootstrap import _side_process, _train_vae_decoder
+    from unifl.toy.dataset import generate_toy_batch
+
+    images = generate_toy_batch(32, seed=5, resolution=32).image_tensor()
+    job = dict(images=images, steps=4, batch_size=8, learning_rate=1e-3, seed=1,
+               project=ProjectConfig(num_threads=1), progress=False)  # fmt: skip
+    results = {}
+    for parallel in (True, False):
+        vae = build_toy_model("toy-sd15", seed=3).vae
+        with _side_process(parallel) as side:
+            results[parallel] = side.submit(_train_vae_decoder, vae=vae, **job).result()
+    state, serial = results[True]["state"], results[False]["state"]
+    assert state.keys() == serial.keys()
+    assert state and all(name.startswith(("decoder.", "post_quant_conv.")) for name in state)
+    for name, tensor in state.items():
+        assert torch.equal(tensor, serial[name]), name
+    assert results[True]["metrics"] == results[False]["metrics"]
+    assert results[True]["seconds"] > 0
+
+
+def test_bootstrap_decoder_phase_changes_the_decoder_alone(ci_bootstrap, tmp_path):
+    """The bootstrap trains the decoder beside the UNet: its base model carries the trained
+    decoder, and every other weight is the one of a bootstrap without the decoder's phase."""
+    from safetensors.torch import load_file
+
+    params = load_params(None, preset="ci", overrides=["bootstrap.vae_decoder_steps=0"])
+    without = bootstrap_toy_world(params, out_dir=tmp_path / "no-decoder", progress=False)
+
+    def weights(result, part: str) -> dict[str, torch.Tensor]:
+        return load_file(next((result.base_model_dir / part).glob("*.safetensors")))
+
+    for part in ("unet", "text_encoder"):
+        trained, plain = weights(ci_bootstrap, part), weights(without, part)
+        assert all(torch.equal(trained[name], plain[name]) for name in plain), part
+    trained, plain = weights(ci_bootstrap, "vae"), weights(without, "vae")
+    decoder = [name for name in plain if name.startswith(("decoder.", "post_quant_conv."))]
+    assert decoder and any(not torch.equal(trained[name], plain[name]) for name in decoder)
+    for name in set(plain) - set(decoder):
+        assert torch.equal(trained[name], plain[name]), name
+    assert "vae_decoder_s" not in without.manifest["timings"]
+
+
 def test_text_encoder_learning_rate_reaches_the_text_encoder_only():
     """A first AdamW step moves each weight by lr * (m / sqrt(v) + weight decay): a tenth of
     the rate moves the text encoder a tenth as far and leaves the UNet's step as it was."""

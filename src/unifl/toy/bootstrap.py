@@ -13,7 +13,9 @@ Training recipe:
 1. segmenter: pixel cross-entropy on the generated images and semantic masks;
    CLIP: contrastive image-caption loss (`clip_steps`, after the segmenter);
 2. VAE: reconstruction MSE in [-1, 1] plus a small KL term; afterwards the
-   latent scaling factor is set to 1 / std of the latents, as SD's 0.18215 was;
+   latent scaling factor is set to 1 / std of the latents, as SD's 0.18215 was,
+   and the decoder trains on alone with the encoder frozen (`vae_decoder_steps`),
+   as SD's VAE decoder was fine-tuned;
 3. UNet and text encoder(s): noise-prediction MSE at timesteps of the
    1000-step training schedule drawn logit-normally (`timestep_sampling`,
    SD3's choice: most steps in the middle of the schedule, where the scene's
@@ -28,7 +30,10 @@ Every trainer uses AdamW fused into one kernel (`unifl.models.precision.adamw`).
 
 Cores: the toy models run fastest on one torch thread per process, so with
 `project.num_threads: 1` on a machine of two or more cores the segmenter
-trains in a side process while the VAE trains (`process_slots`), and a UNet
+and the CLIP train in a side process while the VAE trains (`process_slots`),
+the VAE's decoder phase in the same process while the UNet trains (the frozen
+encoder gives the UNet its latents, so the two do not wait for each other;
+three processes then share two cores for the decoder's minute or two), and a UNet
 batch of at least two `MIN_SAMPLES_PER_PROCESS` shares trains data-parallel
 (`training_processes`; the default batch of 32 trains in two processes on two
 cores), averaging their gradients through shared memory (`SharedGradients`).
@@ -677,6 +682,23 @@ def _train_and_save_segmenter(
     return {key: float(value) for key, value in metrics.items()}
 
 
+def _train_vae_decoder(
+    vae, project: ProjectConfig, images: torch.Tensor, **training: Any
+) -> dict[str, Any]:
+    """`train_vae(decoder_only=True)` of `vae`: the decoder's trained weights, metrics and seconds.
+
+    Run in the side process, so it returns the weights it trained (those of
+    `decoder` and `post_quant_conv`, which `load_state_dict(strict=False)` puts
+    back into the bootstrap's VAE) rather than changing the caller's model.
+    """
+    apply_num_threads(project)
+    started = time.perf_counter()
+    metrics = train_vae(vae, images, kl_weight=0.0, decoder_only=True, **training)
+    trained = ("decoder.", "post_quant_conv.")
+    state = {k: v for k, v in vae.state_dict().items() if k.startswith(trained)}
+    return {"state": state, "metrics": metrics, "seconds": time.perf_counter() - started}
+
+
 def _train_and_save_clip(
     out_dir: Path, project: ProjectConfig, **training: Any
 ) -> dict[str, float]:
@@ -867,34 +889,40 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
             )
             metrics["vae_scaling_factor"] = calibrate_latent_scale(model.vae, images)
             timings["vae_s"] = time.perf_counter() - clock
-            if boot.vae_decoder_steps:
-                clock = time.perf_counter()
-                metrics.update(
-                    train_vae(
-                        model.vae,
-                        images,
-                        boot.vae_decoder_steps,
-                        boot.batch_size,
-                        boot.vae_decoder_learning_rate,
-                        0.0,
-                        # Its own batches: not those of the VAE's first steps again.
-                        seed + 1,
-                        progress,
-                        decoder_only=True,
-                    )
-                )
-                timings["vae_decoder_s"] = time.perf_counter() - clock
-
             # The side models must be done before the UNet's processes take the cores.
             segmenter_metrics = segmenter_done.result()
             clip_metrics = clip_done.result() if clip_done is not None else {}
+            # The decoder's phase leaves the encoder, and so the UNet's latents, as they are:
+            # it trains in the side process beside the UNet instead of before it.
+            decoder_done = (
+                side.submit(
+                    _train_vae_decoder,
+                    vae=model.vae,
+                    images=images,
+                    steps=boot.vae_decoder_steps,
+                    batch_size=boot.batch_size,
+                    learning_rate=boot.vae_decoder_learning_rate,
+                    # Its own batches: not those of the VAE's first steps again.
+                    seed=seed + 1,
+                    project=params.project,
+                    progress=progress and not parallel,
+                )
+                if boot.vae_decoder_steps
+                else None
+            )
 
-        clock = time.perf_counter()
-        model, unet_metrics, averages = train_base_model(
-            model, tmp / "base", images, train.captions, params, tmp / "clip", progress
-        )
-        metrics.update(unet_metrics)
-        timings["unet_s"] = time.perf_counter() - clock
+            clock = time.perf_counter()
+            model, unet_metrics, averages = train_base_model(
+                model, tmp / "base", images, train.captions, params, tmp / "clip", progress
+            )
+            metrics.update(unet_metrics)
+            timings["unet_s"] = time.perf_counter() - clock
+            if decoder_done is not None:
+                decoder = decoder_done.result()
+                model.vae.load_state_dict(decoder["state"], strict=False)
+                metrics.update(decoder["metrics"])
+                timings["vae_decoder_s"] = decoder["seconds"]
+                save_base_model(model, tmp / "base")
         timings["segmenter_s"] = segmenter_metrics["seconds"]
         metrics.update({f"segmenter_{k}": float(v) for k, v in segmenter_metrics.items()})
         if clip_metrics:
