@@ -11,8 +11,16 @@ from unifl.config import ConfigError, ProjectConfig, load_params
 from unifl.models.base import load_base_model
 from unifl.models.reward import load_pretrained_reward_backbone
 from unifl.models.segmenter import ToySegmenter
-from unifl.toy.bootstrap import bootstrap_config, bootstrap_toy_world, config_hash, load_cached
+from unifl.toy.bootstrap import (
+    VAE_DECODER_MODULES,
+    bootstrap_config,
+    bootstrap_toy_world,
+    config_hash,
+    load_cached,
+)
 from unifl.toy.dataset import read_manifest
+
+DECODER_PREFIXES = tuple(f"{module}." for module in VAE_DECODER_MODULES)
 
 
 def test_outputs_load_and_manifest_records_measurements(ci_bootstrap):
@@ -263,7 +271,7 @@ def test_vae_decoder_steps_train_the_decoder_alone():
     error_after, latents_after = reconstruct()
 
     after = vae.state_dict()
-    decoder = [n for n in after if n.startswith(("decoder.", "post_quant_conv."))]
+    decoder = [n for n in after if n.startswith(DECODER_PREFIXES)]
     assert decoder and all(not torch.equal(after[n], before[n]) for n in decoder
                            if n.endswith("weight")), "every decoder weight trains"  # fmt: skip
     for name in after:
@@ -291,10 +299,11 @@ def test_vae_decoder_trains_alike_in_the_side_process():
         with _side_process(parallel) as side:
             results[parallel] = side.submit(_train_vae_decoder, vae=vae, **job).result()
     state, serial = results[True]["state"], results[False]["state"]
-    assert state.keys() == serial.keys()
-    assert state and all(name.startswith(("decoder.", "post_quant_conv.")) for name in state)
-    for name, tensor in state.items():
-        assert torch.equal(tensor, serial[name]), name
+    assert set(state) == set(serial) == set(VAE_DECODER_MODULES)
+    for module, weights in state.items():
+        assert weights.keys() == serial[module].keys()
+        for name, tensor in weights.items():
+            assert torch.equal(tensor, serial[module][name]), f"{module}.{name}"
     assert results[True]["metrics"] == results[False]["metrics"]
     assert results[True]["seconds"] > 0
 
@@ -314,7 +323,7 @@ def test_bootstrap_decoder_phase_changes_the_decoder_alone(ci_bootstrap, tmp_pat
         trained, plain = weights(ci_bootstrap, part), weights(without, part)
         assert all(torch.equal(trained[name], plain[name]) for name in plain), part
     trained, plain = weights(ci_bootstrap, "vae"), weights(without, "vae")
-    decoder = [name for name in plain if name.startswith(("decoder.", "post_quant_conv."))]
+    decoder = [name for name in plain if name.startswith(DECODER_PREFIXES)]
     assert decoder and any(not torch.equal(trained[name], plain[name]) for name in decoder)
     for name in set(plain) - set(decoder):
         assert torch.equal(trained[name], plain[name]), name

@@ -72,6 +72,8 @@ if TYPE_CHECKING:
 BOOTSTRAP_FORMAT = "unifl-toy-bootstrap/4"
 """Bumped whenever the toy models or their training change, so stale caches are retrained."""
 MANIFEST_NAME = "manifest.json"
+VAE_DECODER_MODULES = ("decoder", "post_quant_conv")
+"""The VAE's parts that `train_vae(decoder_only=True)` trains; the encoder's stay frozen."""
 
 
 @dataclass
@@ -186,7 +188,7 @@ def train_vae(
     only: the encoder, and so every latent, stays as it was.
     """
     generator = torch.Generator().manual_seed(seed)
-    trained = [vae.decoder, vae.post_quant_conv] if decoder_only else [vae]
+    trained = [getattr(vae, name) for name in VAE_DECODER_MODULES] if decoder_only else [vae]
     vae.eval().requires_grad_(False)
     # The frozen encoder's posterior does not change: encoded once, not at every step.
     frozen_posteriors = encode_dataset(vae, images) if decoder_only else None
@@ -685,17 +687,16 @@ def _train_and_save_segmenter(
 def _train_vae_decoder(
     vae, project: ProjectConfig, images: torch.Tensor, **training: Any
 ) -> dict[str, Any]:
-    """`train_vae(decoder_only=True)` of `vae`: the decoder's trained weights, metrics and seconds.
+    """`train_vae(decoder_only=True)` of `vae`: the trained weights by module of
+    `VAE_DECODER_MODULES`, the metrics and the seconds.
 
-    Run in the side process, so it returns the weights it trained (those of
-    `decoder` and `post_quant_conv`, which `load_state_dict(strict=False)` puts
-    back into the bootstrap's VAE) rather than changing the caller's model.
+    The bootstrap passes a copy of its VAE and loads these weights back into
+    its own.
     """
     apply_num_threads(project)
     started = time.perf_counter()
     metrics = train_vae(vae, images, kl_weight=0.0, decoder_only=True, **training)
-    trained = ("decoder.", "post_quant_conv.")
-    state = {k: v for k, v in vae.state_dict().items() if k.startswith(trained)}
+    state = {name: getattr(vae, name).state_dict() for name in VAE_DECODER_MODULES}
     return {"state": state, "metrics": metrics, "seconds": time.perf_counter() - started}
 
 
@@ -889,15 +890,18 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
             )
             metrics["vae_scaling_factor"] = calibrate_latent_scale(model.vae, images)
             timings["vae_s"] = time.perf_counter() - clock
-            # The side models must be done before the UNet's processes take the cores.
+            # The segmenter and the CLIP must be done before the UNet's processes take the
+            # cores (and the text encoder starts from the CLIP).
             segmenter_metrics = segmenter_done.result()
             clip_metrics = clip_done.result() if clip_done is not None else {}
             # The decoder's phase leaves the encoder, and so the UNet's latents, as they are:
-            # it trains in the side process beside the UNet instead of before it.
+            # it trains in the side process beside the UNet instead of before it. On a copy:
+            # torch shares the tensors it sends to a process, so the side process would train
+            # this VAE in place while the UNet's processes save and load it.
             decoder_done = (
                 side.submit(
                     _train_vae_decoder,
-                    vae=model.vae,
+                    vae=copy.deepcopy(model.vae),
                     images=images,
                     steps=boot.vae_decoder_steps,
                     batch_size=boot.batch_size,
@@ -919,7 +923,8 @@ def _bootstrap(params: Params, directory: Path, progress: bool) -> BootstrapResu
             timings["unet_s"] = time.perf_counter() - clock
             if decoder_done is not None:
                 decoder = decoder_done.result()
-                model.vae.load_state_dict(decoder["state"], strict=False)
+                for name, state in decoder["state"].items():
+                    getattr(model.vae, name).load_state_dict(state)
                 metrics.update(decoder["metrics"])
                 timings["vae_decoder_s"] = decoder["seconds"]
                 save_base_model(model, tmp / "base")
