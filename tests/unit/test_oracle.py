@@ -17,6 +17,7 @@ from unifl.toy.oracle import (
     colorfulness,
     detail,
     layout,
+    layout_parts,
     lighting,
     mask_statistics,
     oracle_scores,
@@ -108,6 +109,27 @@ def test_layout_scores_placement_against_the_caption() -> None:
     # An object of the caption missing from the image: a green triangle never drawn.
     missing = "a red circle above a green triangle on a gray background"
     assert _layout_of(right, missing) == pytest.approx(0.5 * 1 / 3 + 0.5)
+
+
+def test_layout_parts_count_what_the_layout_is_made_of() -> None:
+    right = _two_object_scene(subject_y=0.25, other_y=0.75)
+    wrong = _two_object_scene(subject_y=0.75, other_y=0.25)
+    missing = "a red circle above a green triangle on a gray background"
+    scenes = [(right, None), (wrong, None), (right, missing)]
+    masks = torch.cat(
+        [
+            torch.from_numpy(render_scene(s, 32).semantic_mask.astype(np.int64))[None]
+            for s, _ in scenes
+        ]
+    )
+    captions = [caption or scene.caption() for scene, caption in scenes]
+    parts = layout_parts(captions, masks)
+    assert parts["objects_present"].tolist() == [2, 2, 1]
+    assert parts["relations_hold"].tolist() == [1, 0, 0]
+    assert parts["placement"].tolist() == pytest.approx([1.0, 2 / 3, 1 / 3])
+    assert parts["composition"].tolist() == pytest.approx([1.0, 1.0, 1.0])
+    expected = (0.5 * parts["placement"] + 0.5 * parts["composition"]).float()
+    assert torch.equal(layout(captions, masks), expected)
 
 
 def test_layout_scores_composition() -> None:

@@ -243,13 +243,15 @@ def _check_captions(captions: Sequence[str], count: int) -> None:
         raise ValueError(f"got {len(captions)} captions for {count} images or masks")
 
 
-def layout(
+def layout_parts(
     captions: Sequence[str],
     semantic_masks: torch.Tensor,
     min_area_fraction: float = MIN_OBJECT_AREA_FRACTION,
     clean: bool = True,
-) -> torch.Tensor:
-    """Placement versus the caption and composition, from semantic masks (see module docstring).
+) -> dict[str, torch.Tensor]:
+    """The parts of `layout` per image, each float64 [N]: `objects_present` and `relations_hold` (how
+    many of the caption's objects are present and of its relations true), `placement` and
+    `composition` (see the module docstring).
 
     `clean=True` first applies `clean_semantic_masks` (one class per connected region).
     """
@@ -262,7 +264,11 @@ def layout(
     all_counts = stats.counts.tolist()
     all_centroids = stats.centroids.tolist()
     all_boxes = stats.boxes.tolist()
-    scores = torch.zeros(len(captions))
+    # float64, so that `layout` rounds 0.5 * placement + 0.5 * composition to float32 once.
+    parts = {
+        name: torch.zeros(len(captions), dtype=torch.float64)
+        for name in ("objects_present", "relations_hold", "placement", "composition")
+    }
     for index, caption in enumerate(captions):
         try:
             parsed = parse_caption(caption)
@@ -271,15 +277,13 @@ def layout(
         counts, centroids, boxes = all_counts[index], all_centroids[index], all_boxes[index]
         classes = [semantic_class(shape, color) for _, color, shape in parsed.objects]
         present = [counts[c] >= min_pixels for c in classes]
-        facts = [1.0 if p else 0.0 for p in present]
-        for i, relation, j in parsed.relations:
-            holds = (
-                present[i]
-                and present[j]
-                and relation_holds(relation, centroids[classes[i]], centroids[classes[j]])
-            )
-            facts.append(1.0 if holds else 0.0)
-        placement = sum(facts) / len(facts)
+        holds = [
+            present[i]
+            and present[j]
+            and relation_holds(relation, centroids[classes[i]], centroids[classes[j]])
+            for i, relation, j in parsed.relations
+        ]
+        facts = [*present, *holds]
         terms: list[float] = []
         present_boxes = [boxes[c] for c, p in zip(classes, present, strict=True) if p]
         for box in present_boxes:
@@ -293,9 +297,25 @@ def layout(
         for a in range(len(present_boxes)):
             for b in range(a + 1, len(present_boxes)):
                 terms.append(1.0 - _box_overlap_share(present_boxes[a], present_boxes[b]))
-        composition = sum(terms) / len(terms) if terms else 0.0
-        scores[index] = 0.5 * placement + 0.5 * composition
-    return scores
+        parts["objects_present"][index] = sum(present)
+        parts["relations_hold"][index] = sum(holds)
+        parts["placement"][index] = sum(facts) / len(facts)
+        parts["composition"][index] = sum(terms) / len(terms) if terms else 0.0
+    return parts
+
+
+def layout(
+    captions: Sequence[str],
+    semantic_masks: torch.Tensor,
+    min_area_fraction: float = MIN_OBJECT_AREA_FRACTION,
+    clean: bool = True,
+) -> torch.Tensor:
+    """Placement versus the caption and composition, from semantic masks (see module docstring).
+
+    `clean=True` first applies `clean_semantic_masks` (one class per connected region).
+    """
+    parts = layout_parts(captions, semantic_masks, min_area_fraction, clean)
+    return (0.5 * parts["placement"] + 0.5 * parts["composition"]).float()
 
 
 def oracle_scores(
