@@ -2,6 +2,7 @@
 
     python benchmarks/layout_reward.py [--negative-steps 2000] [--mirror-steps 3000] [--data DIR]
     python benchmarks/layout_reward.py --matching-steps 3000 [--matching-features clip pixels]
+    python benchmarks/layout_reward.py --matching-steps 3000 --matching-head grounded --data DIR
 
 Caption tests. For the bootstrap's pretrained toy CLIP (`bootstrap.clip_steps`),
 and with `--negative-steps N` for a toy CLIP trained N steps on the same images
@@ -32,15 +33,26 @@ pixels`), where every object's place is plain: the control that tells whether
 the CLIP's features or the head's learning is what stops it. `--matching-scenes N`
 trains it on N scenes instead of the training images: the first N of them, or
 all and the training seed's next images (generated, none of them held out).
+`--matching-head grounded` trains `GroundedHead` instead (both: `matching
+grounded`): each entity of the caption's scene graph (`RuleBasedSceneGraphParser`)
+is found on the patch grid, which gives it a position and a presence, and
+each relation scores the offset between its two entities' positions, so that
+comparing positions by the relation word is built in rather than learned.
+With `--data DIR` as well, DIR's decided layout pairs are sorted by where
+the oracle's gap comes from (more of the caption's objects present; the same
+objects with more relations true; composition alone, on the segmenter's
+masks as the oracle reads them) and each matching head's preference is
+compared with each kind: the heads learned from caption changes alone, never
+from the labels.
 
 Head test, with `--data DIR` (a toy table's data
-directory): two layout heads on the bootstrap's CLIP, frozen, trained on DIR's
+directory): three layout heads on the bootstrap's CLIP, frozen, trained on DIR's
 layout labels with the reward stage's Bradley-Terry loss (ties soft), epochs,
 batch size and learning rate, over `--seeds`, on DIR's own validation prompts
 (`reward/split.json`): the reward model's head on the pooled embeddings
-`[i, t, i*t]`, and a cross-attention head in which the caption's tokens attend
+`[i, t, i*t]`, a cross-attention head in which the caption's tokens attend
 over the image's patch tokens (with learned patch positions), so that it can
-see where the objects are. For each: held-out accuracy against the labels,
+see where the objects are, and `GroundedHead` on the patch tokens. For each: held-out accuracy against the labels,
 and on the pairs with an oracle gap how often it prefers the image the oracle
 scores higher, on training and on validation prompts.
 """
@@ -49,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import sys
@@ -276,6 +289,134 @@ class MatchingHead(nn.Module):
         return self.out((states * weights).sum(1) / weights.sum(1)).squeeze(-1)
 
 
+class PhraseTable:
+    """The frozen CLIP text tower's embedding of each scene-graph phrase, by phrase.
+
+    A phrase is an entity's words ("small red circle") or a relation's
+    ("left of"); its embedding is the mean of its token states. Embedded once,
+    when first asked for.
+    """
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.rows: dict[str, int] = {}
+        self.embeddings: list[torch.Tensor] = []
+
+    def ids(self, phrases: list[str]) -> list[int]:
+        new = [phrase for phrase in dict.fromkeys(phrases) if phrase not in self.rows]
+        if new:
+            text = frozen_text_features(self.model, new)
+            weights = text["mask"].unsqueeze(-1).to(text["tokens"].dtype)
+            means = (text["tokens"] * weights).sum(1) / weights.sum(1)
+            for phrase, embedding in zip(new, means, strict=True):
+                self.rows[phrase] = len(self.embeddings)
+                self.embeddings.append(embedding)
+        return [self.rows[phrase] for phrase in phrases]
+
+    def table(self) -> torch.Tensor:
+        return torch.stack(self.embeddings)
+
+
+def scene_structure(
+    captions: list[str], phrases: PhraseTable, entities: int = 4, relations: int = 3
+) -> dict[str, torch.Tensor]:
+    """Each caption's scene graph (`RuleBasedSceneGraphParser`) as padded phrase rows.
+
+    `entities` [N, E] and `relations` [N, R, 3] (subject, object, predicate
+    phrase) index `phrases`, with their masks, and `phrases` is the table they
+    index (complete once every caption of the call is parsed).
+    """
+    from unifl.data.scene_graph import RuleBasedSceneGraphParser
+
+    parser = RuleBasedSceneGraphParser()
+    entity_ids = torch.zeros(len(captions), entities, dtype=torch.long)
+    entity_mask = torch.zeros(len(captions), entities, dtype=torch.bool)
+    relation_ids = torch.zeros(len(captions), relations, 3, dtype=torch.long)
+    relation_mask = torch.zeros(len(captions), relations, dtype=torch.bool)
+    for number, caption in enumerate(captions):
+        graph = parser.parse(caption)
+        if not graph.entities:
+            raise ValueError(f"caption {number} {caption!r} has no entity to ground")
+        words = [" ".join((*entity.attributes, entity.name)) for entity in graph.entities]
+        ids = phrases.ids(words[:entities])
+        entity_ids[number, : len(ids)] = torch.tensor(ids)
+        entity_mask[number, : len(ids)] = True
+        kept = [r for r in graph.relations if max(r.subject, r.object) < entities][:relations]
+        for slot, relation in enumerate(kept):
+            predicate = phrases.ids([relation.predicate])[0]
+            relation_ids[number, slot] = torch.tensor(
+                [relation.subject, relation.object, predicate]
+            )
+            relation_mask[number, slot] = True
+    return {
+        "entities": entity_ids,
+        "entity_mask": entity_mask,
+        "relations": relation_ids,
+        "relation_mask": relation_mask,
+        "phrases": phrases.table(),
+    }
+
+
+class GroundedHead(nn.Module):
+    """Each entity of the caption found on the patch grid, each relation checked on its position.
+
+    An entity's phrase embedding is a query over the patches' keys (a linear
+    map, a 3x3 convolution over the grid for context, another linear map): the
+    softmax of the logits places it at the weighted mean of the patch centres
+    (x, y in [0, 1]), and their log-mean-exp is how present it is. A
+    relation's phrase embedding gives five weights for the offset from its
+    subject to its object, (dx, dy, |dx|, |dy|, 1), so that "left of" can ask
+    for dx > 0 and "next to" for |dx| large and |dy| small. The score is the
+    entities' mean presence plus the relations' mean offset score. What the
+    head cannot do is built out: it compares positions only through the
+    relation words, and reads nothing else of the image than where each
+    entity is and how strongly.
+    """
+
+    def __init__(self, text_width: int, patch_width: int, grid: int, width: int = 64) -> None:
+        super().__init__()
+        self.grid = grid
+        self.patch_in = nn.Linear(patch_width, width)
+        self.context = nn.Conv2d(width, width, 3, padding=1)
+        self.key = nn.Linear(width, width)
+        self.query = nn.Sequential(nn.Linear(text_width, width), nn.GELU(), nn.Linear(width, width))
+        self.offset_weights = nn.Sequential(
+            nn.Linear(text_width, width), nn.GELU(), nn.Linear(width, 5)
+        )
+        self.presence = nn.Parameter(torch.tensor([1.0, 0.0]))
+        ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+        centres = torch.stack([xs.flatten() + 0.5, ys.flatten() + 0.5], dim=-1) / grid
+        self.register_buffer("centres", centres)
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        patches = features["patches"]
+        if patches.shape[1] == self.grid**2 + 1:  # a ViT's class token first
+            patches = patches[:, 1:]
+        count = patches.shape[0]
+        hidden = F.gelu(self.patch_in(patches)).transpose(1, 2)
+        hidden = hidden.reshape(count, -1, self.grid, self.grid)
+        hidden = F.gelu(hidden + self.context(hidden)).flatten(2).transpose(1, 2)
+        keys = self.key(hidden)
+        table = features["phrases"]
+        queries = self.query(table[features["entities"]])
+        logits = queries @ keys.transpose(1, 2) / math.sqrt(keys.shape[-1])
+        positions = logits.softmax(-1) @ self.centres
+        presence = torch.logsumexp(logits, -1) - math.log(keys.shape[1])
+        presence = self.presence[0] * presence + self.presence[1]
+        entity_mask = features["entity_mask"].to(presence.dtype)
+        score = (presence * entity_mask).sum(1) / entity_mask.sum(1).clamp_min(1)
+        relations = features["relations"]
+
+        def place(column: int) -> torch.Tensor:
+            return positions.gather(1, relations[..., column : column + 1].expand(-1, -1, 2))
+
+        offset = place(1) - place(0)
+        terms = torch.cat([offset, offset.abs(), torch.ones_like(offset[..., :1])], dim=-1)
+        checks = (self.offset_weights(table[relations[..., 2]]) * terms).sum(-1) * 10
+        relation_mask = features["relation_mask"].to(checks.dtype)
+        return score + (checks * relation_mask).sum(1) / relation_mask.sum(1).clamp_min(1)
+
+
 class PooledHead(nn.Module):
     """The reward model's own head on `[i, t, i*t]` of the pooled, projected embeddings."""
 
@@ -332,24 +473,48 @@ def pixel_patches(images: torch.Tensor, size: int = 4) -> torch.Tensor:
     return patches.transpose(1, 2)
 
 
-def train_matching_head(
-    model, patches_of, images: torch.Tensor, captions: list[str], steps: int, seed: int
-):
-    """A `MatchingHead` on `patches_of(images)` scoring own captions above changed ones.
+HEADS = ("matching", "grounded")
 
-    The caption side is `model`'s frozen CLIP text tower. Returns the trained
-    head's `score(patches, captions)`.
-    """
+
+def caption_scorer(kind: str, model, patches: torch.Tensor):
+    """An untrained head of `kind` (`HEADS`) for patch tokens shaped like `patches`, and its
+    `score(patches, captions)`, the caption side read by `model`'s frozen CLIP text tower."""
+    text_width = model.backbone.config.text_config.hidden_size
+    if kind == "matching":
+        head = MatchingHead(text_width, patches.shape[-1], patches.shape[1])
+
+        def score(image_patches: torch.Tensor, texts: list[str]) -> torch.Tensor:
+            return head({"patches": image_patches, **frozen_text_features(model, texts)})
+
+    elif kind == "grounded":
+        head = GroundedHead(text_width, patches.shape[-1], math.isqrt(patches.shape[1]))
+        phrases = PhraseTable(model)
+
+        def score(image_patches: torch.Tensor, texts: list[str]) -> torch.Tensor:
+            return head({"patches": image_patches, **scene_structure(texts, phrases)})
+
+    else:
+        raise ValueError(f"unknown head {kind!r}; choose from {HEADS}")
+    return head, score
+
+
+def train_matching_head(
+    model,
+    patches_of,
+    images: torch.Tensor,
+    captions: list[str],
+    steps: int,
+    seed: int,
+    kind: str = "matching",
+):
+    """A head of `kind` (`caption_scorer`) on `patches_of(images)` scoring own captions above
+    changed ones. Returns the trained head's `score(patches, captions)`."""
     from unifl.models.minibatch import train_on_minibatches
 
     patches = patches_of(images)
     torch.manual_seed(seed)
-    text_width = model.backbone.config.text_config.hidden_size
-    head = MatchingHead(text_width, patches.shape[-1], patches.shape[1])
+    head, score = caption_scorer(kind, model, patches)
     rng = random.Random(seed)
-
-    def score(image_patches: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        return head({"patches": image_patches, **frozen_text_features(model, texts)})
 
     def loss_of(index: torch.Tensor) -> torch.Tensor:
         own = [captions[i] for i in index.tolist()]
@@ -366,7 +531,7 @@ def train_matching_head(
         1e-3,
         weight_decay=0.01,
         generator=torch.Generator().manual_seed(seed),
-        description="matching head",
+        description=f"{kind} head",
     )
     head.eval()
     return score
@@ -383,6 +548,51 @@ def matching_tests(score, patches: torch.Tensor, captions: list[str], seed: int)
             other = score(patches[rows], changed)
             result[change] = {"share": (own > other).float().mean().item(), "images": len(changed)}
     return result
+
+
+GAP_KINDS = ("objects present differ", "same objects, relations differ", "composition only")
+
+
+def layout_gap_kinds(params, data: Path) -> tuple[list[str], list[str], list[str], dict]:
+    """DATA's decided layout pairs sorted by what their oracle gap comes from.
+
+    Returns the pairs' preferred images, other images and prompts, and per
+    `GAP_KINDS` entry the rows of that kind and the sign of the gap that
+    kind is about (more objects present; then more relations true; then the
+    oracle's layout gap), on the segmenter's masks as the oracle reads them.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from unifl.feedback.images import ImageStore
+    from unifl.models.segmenter import ToySegmenter
+    from unifl.toy.bootstrap import bootstrap_toy_world
+    from unifl.toy.caption_match import predicted_masks
+    from unifl.toy.oracle import layout_parts
+
+    table = pd.read_parquet(data / "labels" / "pairs.parquet")
+    table = table[(table["dimension"] == "layout") & ~table["tie"]].reset_index(drop=True)
+    segmenter = ToySegmenter.load(bootstrap_toy_world(params, progress=False).segmenter_dir)
+    store = ImageStore(data / "pairs")
+    prompts = list(table["prompt"])
+
+    def parts(paths: list[str]) -> dict[str, np.ndarray]:
+        masks = predicted_masks(segmenter, store.batch(paths))
+        found = layout_parts(prompts, masks)
+        layout = 0.5 * found["placement"] + 0.5 * found["composition"]
+        return {key: value.numpy() for key, value in (found | {"layout": layout}).items()}
+
+    preferred, other = parts(list(table["image_w"])), parts(list(table["image_l"]))
+    gap = {key: preferred[key] - other[key] for key in preferred}
+    objects = gap["objects_present"] != 0
+    relations = ~objects & (gap["relations_hold"] != 0)
+    composition = ~objects & ~relations & (gap["layout"] != 0)
+    kinds = {
+        GAP_KINDS[0]: (objects, np.sign(gap["objects_present"])),
+        GAP_KINDS[1]: (relations, np.sign(gap["relations_hold"])),
+        GAP_KINDS[2]: (composition, np.sign(gap["layout"])),
+    }
+    return list(table["image_w"]), list(table["image_l"]), prompts, kinds
 
 
 def head_tests(params, data: Path, model, seeds: list[int]) -> dict[str, list[dict]]:
@@ -411,13 +621,18 @@ def head_tests(params, data: Path, model, seeds: list[int]) -> dict[str, list[di
     store = ImageStore(data / "pairs")
     image_side = frozen_image_features(model, store.batch(paths))
     text_side = frozen_text_features(model, distinct)
+    phrases = PhraseTable(model)
+    structure = scene_structure(distinct, phrases)
+    phrase_table = structure.pop("phrases")
+    text_side.update(structure)
     winner = torch.tensor([image_row[path] for path in table["image_w"]])
     loser = torch.tensor([image_row[path] for path in table["image_l"]])
     prompt = torch.tensor([prompt_row[text] for text in prompts])
 
     def features(images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
         picked = {key: value[images] for key, value in image_side.items()}
-        return {**picked, **{key: value[texts] for key, value in text_side.items()}}
+        picked |= {key: value[texts] for key, value in text_side.items()}
+        return {**picked, "phrases": phrase_table}
 
     heads = {
         "pooled [i, t, i*t]": lambda: PooledHead(
@@ -427,6 +642,11 @@ def head_tests(params, data: Path, model, seeds: list[int]) -> dict[str, list[di
             text_side["tokens"].shape[-1],
             image_side["patches"].shape[-1],
             image_side["patches"].shape[1],
+        ),
+        "grounded (entity positions, relation offsets)": lambda: GroundedHead(
+            text_side["tokens"].shape[-1],
+            image_side["patches"].shape[-1],
+            math.isqrt(image_side["patches"].shape[1]),
         ),
     }
     train_rows = np.flatnonzero(~is_val)
@@ -492,6 +712,15 @@ def main(argv: list[str] | None = None) -> int:
         choices=["clip", "pixels"],
         default=["clip"],
         help="what the matching head attends over: the CLIP's patch tokens, the raw 4x4 patches",
+    )
+    parser.add_argument(
+        "--matching-head",
+        nargs="+",
+        choices=HEADS,
+        default=["matching"],
+        help="the matching head: transformer-decoder layers over the caption's tokens, or one "
+        "that finds each scene-graph entity on the patch grid and checks each relation on the "
+        "positions (both: matching grounded)",
     )
     parser.add_argument(
         "--matching-scenes",
@@ -579,7 +808,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         scene_images = torch.cat([images, more.image_tensor()])
         scene_captions = captions + more.captions
-    for feature in args.matching_features if args.matching_steps else []:
+    scorers = {}
+    runs = [(f, k) for f in args.matching_features for k in args.matching_head]
+    for feature, kind in runs if args.matching_steps else []:
         label, patches_of = features[feature]
         score = train_matching_head(
             bootstrap_clip,
@@ -588,10 +819,10 @@ def main(argv: list[str] | None = None) -> int:
             scene_captions,
             args.matching_steps,
             params.project.seed,
+            kind=kind,
         )
-        name = (
-            f"matching head on {label} ({args.matching_steps} steps, {len(scene_captions)} scenes)"
-        )
+        name = f"{kind} head on {label} ({args.matching_steps} steps, {len(scene_captions)} scenes)"
+        scorers[name] = (score, patches_of)
         for set_name, (set_images, set_captions) in sets.items():
             tests = matching_tests(score, patches_of(set_images), set_captions, params.project.seed)
             record["captions"][f"{name}, {set_name}"] = tests
@@ -601,6 +832,31 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {name} | {set_name} | | {cells} |")
     lines.append("")
     lines.append("share of images whose own caption scores higher than the changed one (images)")
+    if args.data is not None:
+        from unifl.feedback.images import ImageStore
+
+        preferred, other, prompts, kinds = layout_gap_kinds(params, args.data)
+        record["gap_kinds"] = {kind: int(rows.sum()) for kind, (rows, _) in kinds.items()}
+        lines += [
+            "",
+            f"{args.data}'s {len(prompts)} decided layout pairs by what the oracle's gap comes "
+            "from, and how often each matching head (trained on caption changes alone) "
+            "prefers the image that kind of gap favours",
+            "",
+            "| head | " + " | ".join(f"{k} ({int(r.sum())})" for k, (r, _) in kinds.items()) + " |",
+            "|---" * (1 + len(kinds)) + "|",
+        ]
+        store = ImageStore(args.data / "pairs")
+        preferred_images, other_images = store.batch(preferred), store.batch(other)
+        for name, (score, patches_of) in scorers.items():
+            with torch.no_grad():
+                higher = score(patches_of(preferred_images), prompts)
+                margin = (higher - score(patches_of(other_images), prompts)).sign().numpy()
+            shares = {
+                kind: float((margin == sign)[rows].mean()) for kind, (rows, sign) in kinds.items()
+            }
+            record["captions"][f"{name}, layout pairs"] = shares
+            lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in shares.values()) + " |")
     if args.data is not None:
         heads = head_tests(params, args.data, bootstrap_clip, args.seeds)
         record["heads"] = heads
