@@ -367,7 +367,8 @@ class GroundedHead(nn.Module):
     relation's phrase embedding gives five weights for the offset from its
     subject to its object, (dx, dy, |dx|, |dy|, 1), so that "left of" can ask
     for dx > 0 and "next to" for |dx| large and |dy| small. The score is the
-    entities' mean presence plus the relations' mean offset score. What the
+    entities' mean presence plus the relations' mean offset score (the toy
+    captions' background is an entity like the objects). What the
     head cannot do is built out: it compares positions only through the
     relation words, and reads nothing else of the image than where each
     entity is and how strongly.
@@ -412,6 +413,8 @@ class GroundedHead(nn.Module):
 
         offset = place(1) - place(0)
         terms = torch.cat([offset, offset.abs(), torch.ones_like(offset[..., :1])], dim=-1)
+        # Offsets are fractions of the image: scaled so that a relation's check starts on the
+        # scale of a presence logit.
         checks = (self.offset_weights(table[relations[..., 2]]) * terms).sum(-1) * 10
         relation_mask = features["relation_mask"].to(checks.dtype)
         return score + (checks * relation_mask).sum(1) / relation_mask.sum(1).clamp_min(1)
