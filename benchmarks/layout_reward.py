@@ -323,8 +323,7 @@ def scene_structure(
     """Each caption's scene graph (`RuleBasedSceneGraphParser`) as padded phrase rows.
 
     `entities` [N, E] and `relations` [N, R, 3] (subject, object, predicate
-    phrase) index `phrases`, with their masks, and `phrases` is the table they
-    index (complete once every caption of the call is parsed).
+    phrase) index `phrases.table()`, with their masks.
     """
     from unifl.data.scene_graph import RuleBasedSceneGraphParser
 
@@ -353,7 +352,6 @@ def scene_structure(
         "entity_mask": entity_mask,
         "relations": relation_ids,
         "relation_mask": relation_mask,
-        "phrases": phrases.table(),
     }
 
 
@@ -494,7 +492,8 @@ def caption_scorer(kind: str, model, patches: torch.Tensor):
         phrases = PhraseTable(model)
 
         def score(image_patches: torch.Tensor, texts: list[str]) -> torch.Tensor:
-            return head({"patches": image_patches, **scene_structure(texts, phrases)})
+            structure = scene_structure(texts, phrases)
+            return head({"patches": image_patches, **structure, "phrases": phrases.table()})
 
     else:
         raise ValueError(f"unknown head {kind!r}; choose from {HEADS}")
@@ -556,10 +555,10 @@ def matching_tests(score, patches: torch.Tensor, captions: list[str], seed: int)
 GAP_KINDS = ("objects present differ", "same objects, relations differ", "composition only")
 
 
-def layout_gap_kinds(params, data: Path) -> tuple[list[str], list[str], list[str], dict]:
+def layout_gap_kinds(params, data: Path) -> tuple[torch.Tensor, torch.Tensor, list[str], dict]:
     """DATA's decided layout pairs sorted by what their oracle gap comes from.
 
-    Returns the pairs' preferred images, other images and prompts, and per
+    Returns the pairs' preferred images, other images (tensors) and prompts, and per
     `GAP_KINDS` entry the rows of that kind and the sign of the gap that
     kind is about (more objects present; then more relations true; then the
     oracle's layout gap), on the segmenter's masks as the oracle reads them.
@@ -579,14 +578,12 @@ def layout_gap_kinds(params, data: Path) -> tuple[list[str], list[str], list[str
     store = ImageStore(data / "pairs")
     prompts = list(table["prompt"])
 
-    def parts(paths: list[str]) -> dict[str, np.ndarray]:
-        masks = predicted_masks(segmenter, store.batch(paths))
-        found = layout_parts(prompts, masks)
-        layout = 0.5 * found["placement"] + 0.5 * found["composition"]
-        return {key: value.numpy() for key, value in (found | {"layout": layout}).items()}
-
-    preferred, other = parts(list(table["image_w"])), parts(list(table["image_l"]))
-    gap = {key: preferred[key] - other[key] for key in preferred}
+    images = {side: store.batch(list(table[side])) for side in ("image_w", "image_l")}
+    preferred, other = (
+        layout_parts(prompts, predicted_masks(segmenter, images[side]))
+        for side in ("image_w", "image_l")
+    )
+    gap = {key: (preferred[key] - other[key]).numpy() for key in preferred}
     objects = gap["objects_present"] != 0
     relations = ~objects & (gap["relations_hold"] != 0)
     composition = ~objects & ~relations & (gap["layout"] != 0)
@@ -595,7 +592,7 @@ def layout_gap_kinds(params, data: Path) -> tuple[list[str], list[str], list[str
         GAP_KINDS[1]: (relations, np.sign(gap["relations_hold"])),
         GAP_KINDS[2]: (composition, np.sign(gap["layout"])),
     }
-    return list(table["image_w"]), list(table["image_l"]), prompts, kinds
+    return images["image_w"], images["image_l"], prompts, kinds
 
 
 def head_tests(params, data: Path, model, seeds: list[int]) -> dict[str, list[dict]]:
@@ -625,9 +622,8 @@ def head_tests(params, data: Path, model, seeds: list[int]) -> dict[str, list[di
     image_side = frozen_image_features(model, store.batch(paths))
     text_side = frozen_text_features(model, distinct)
     phrases = PhraseTable(model)
-    structure = scene_structure(distinct, phrases)
-    phrase_table = structure.pop("phrases")
-    text_side.update(structure)
+    text_side.update(scene_structure(distinct, phrases))
+    phrase_table = phrases.table()  # every prompt's phrases are in it now
     winner = torch.tensor([image_row[path] for path in table["image_w"]])
     loser = torch.tensor([image_row[path] for path in table["image_l"]])
     prompt = torch.tensor([prompt_row[text] for text in prompts])
@@ -836,9 +832,7 @@ def main(argv: list[str] | None = None) -> int:
     lines.append("")
     lines.append("share of images whose own caption scores higher than the changed one (images)")
     if args.data is not None:
-        from unifl.feedback.images import ImageStore
-
-        preferred, other, prompts, kinds = layout_gap_kinds(params, args.data)
+        preferred_images, other_images, prompts, kinds = layout_gap_kinds(params, args.data)
         record["gap_kinds"] = {kind: int(rows.sum()) for kind, (rows, _) in kinds.items()}
         lines += [
             "",
@@ -849,8 +843,6 @@ def main(argv: list[str] | None = None) -> int:
             "| head | " + " | ".join(f"{k} ({int(r.sum())})" for k, (r, _) in kinds.items()) + " |",
             "|---" * (1 + len(kinds)) + "|",
         ]
-        store = ImageStore(args.data / "pairs")
-        preferred_images, other_images = store.batch(preferred), store.batch(other)
         for name, (score, patches_of) in scorers.items():
             with torch.no_grad():
                 higher = score(patches_of(preferred_images), prompts)

@@ -128,8 +128,8 @@ def test_layout_parts_count_what_the_layout_is_made_of() -> None:
     assert parts["relations_hold"].tolist() == [1, 0, 0]
     assert parts["placement"].tolist() == pytest.approx([1.0, 2 / 3, 1 / 3])
     assert parts["composition"].tolist() == pytest.approx([1.0, 1.0, 1.0])
-    expected = (0.5 * parts["placement"] + 0.5 * parts["composition"]).float()
-    assert torch.equal(layout(captions, masks), expected)
+    assert parts["layout"].tolist() == pytest.approx([1.0, 0.5 * 2 / 3 + 0.5, 0.5 * 1 / 3 + 0.5])
+    assert torch.equal(layout(captions, masks), parts["layout"].float())
 
 
 def test_layout_scores_composition() -> None:

@@ -249,9 +249,9 @@ def layout_parts(
     min_area_fraction: float = MIN_OBJECT_AREA_FRACTION,
     clean: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """The parts of `layout` per image, each float64 [N]: `objects_present` and `relations_hold` (how
-    many of the caption's objects are present and of its relations true), `placement` and
-    `composition` (see the module docstring).
+    """`layout` per image and its parts, each float64 [N]: `objects_present` and
+    `relations_hold` (how many of the caption's objects are present and of its relations
+    true), `placement`, `composition` and `layout` itself (see the module docstring).
 
     `clean=True` first applies `clean_semantic_masks` (one class per connected region).
     """
@@ -264,10 +264,10 @@ def layout_parts(
     all_counts = stats.counts.tolist()
     all_centroids = stats.centroids.tolist()
     all_boxes = stats.boxes.tolist()
-    # float64, so that `layout` rounds 0.5 * placement + 0.5 * composition to float32 once.
+    # float64, so that `layout` rounds each score to float32 once.
     parts = {
         name: torch.zeros(len(captions), dtype=torch.float64)
-        for name in ("objects_present", "relations_hold", "placement", "composition")
+        for name in ("objects_present", "relations_hold", "placement", "composition", "layout")
     }
     for index, caption in enumerate(captions):
         try:
@@ -297,10 +297,13 @@ def layout_parts(
         for a in range(len(present_boxes)):
             for b in range(a + 1, len(present_boxes)):
                 terms.append(1.0 - _box_overlap_share(present_boxes[a], present_boxes[b]))
+        placement = sum(facts) / len(facts)
+        composition = sum(terms) / len(terms) if terms else 0.0
         parts["objects_present"][index] = sum(present)
         parts["relations_hold"][index] = sum(holds)
-        parts["placement"][index] = sum(facts) / len(facts)
-        parts["composition"][index] = sum(terms) / len(terms) if terms else 0.0
+        parts["placement"][index] = placement
+        parts["composition"][index] = composition
+        parts["layout"][index] = 0.5 * placement + 0.5 * composition
     return parts
 
 
@@ -314,8 +317,7 @@ def layout(
 
     `clean=True` first applies `clean_semantic_masks` (one class per connected region).
     """
-    parts = layout_parts(captions, semantic_masks, min_area_fraction, clean)
-    return (0.5 * parts["placement"] + 0.5 * parts["composition"]).float()
+    return layout_parts(captions, semantic_masks, min_area_fraction, clean)["layout"].float()
 
 
 def oracle_scores(
