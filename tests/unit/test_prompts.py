@@ -142,6 +142,16 @@ def test_malformed_files_are_errors_naming_file_and_line(
     assert str(path) in str(info.value)
 
 
+def test_jsonl_rows_keep_the_line_separators_json_strings_may_hold(tmp_path: Path) -> None:
+    path = tmp_path / "p.jsonl"
+    prompts = ["a red circle\u2028above a blue square", "a green\x85triangle"]
+    rows = [json.dumps({"prompt": prompt}, ensure_ascii=False) for prompt in prompts]
+    path.write_text("\r\n".join(rows) + "\r\n", encoding="utf-8")
+    read = read_prompt_source(path)
+    assert read["prompt"].tolist() == prompts
+    assert read["source_row"].tolist() == [1, 2]
+
+
 def test_enormous_line_is_an_error_naming_the_line(tmp_path: Path) -> None:
     path = tmp_path / "huge.jsonl"
     path.write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"prompt": "x" * 500}) + "\n")

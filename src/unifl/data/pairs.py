@@ -33,7 +33,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from unifl.data.prompts import prompt_id as make_prompt_id
-from unifl.io import atomic_directory, write_json
+from unifl.io import atomic_directory, check_output_apart, write_json
 from unifl.labeling.tasks import PAIR_MANIFEST_NAME, write_pair_manifest
 
 IMAGES_DIR = "images"
@@ -217,6 +217,7 @@ def run_pairs_stage(
     from unifl.models.base import load_base_model
     from unifl.models.precision import precision_from_config
 
+    check_output_apart(out_dir, [prompts_path, model_source])
     table = read_prompts(prompts_path)
     device, dtype, vae_dtype = precision_from_config(params.project)
     model = load_base_model(

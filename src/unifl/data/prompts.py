@@ -57,7 +57,7 @@ from unifl.data.selection import (
     greedy_similarity_compression,
     normalize_embeddings,
 )
-from unifl.io import atomic_directory, write_json
+from unifl.io import atomic_directory, check_output_apart, split_lines, write_json
 
 PROMPT_COLUMN = "prompt"
 PROMPTS_FILE = "prompts.parquet"
@@ -133,7 +133,7 @@ def _decode_utf8(raw: bytes, path: Path) -> str:
 
 
 def _check_line_lengths(text: str, path: Path, max_line_chars: int) -> None:
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(split_lines(text), start=1):
         if len(line) > max_line_chars:
             raise PromptSourceError(
                 f"{path}: line {number} has {len(line)} characters, more than "
@@ -216,7 +216,7 @@ def _read_jsonl(path: Path, max_line_chars: int) -> tuple[pd.DataFrame, list[int
     text = _read_text(path, max_line_chars)
     records: list[dict[str, Any]] = []
     rows: list[int] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(split_lines(text), start=1):
         if not line.strip():
             continue
         where = f"{path}: line {number}"
@@ -556,6 +556,7 @@ def run_curate_stage(
     from unifl.models.base import load_base_model
     from unifl.models.precision import precision_from_config
 
+    check_output_apart(out_dir, [*sources, model_source])
     config: CurateConfig = params.curate
     seed = int(params.project.seed)
     inputs: list[str | Path | pd.DataFrame] = list(sources)

@@ -64,7 +64,7 @@ from unifl.evaluation.frechet import (
 from unifl.evaluation.grids import save_comparison_grid
 from unifl.evaluation.report import write_report
 from unifl.evaluation.throughput import timed_generate, warm_up
-from unifl.io import atomic_directory, write_json
+from unifl.io import atomic_directory, check_output_apart, split_lines, write_json
 
 KEY_COLUMNS: tuple[str, ...] = ("prompt_id", "prompt")
 CAPTION_OBJECTS = "caption_objects"
@@ -160,7 +160,7 @@ def load_eval_prompts(path: str | Path, limit: int | None = None) -> pd.DataFram
     if not source.is_file():
         raise EvaluationError(f"{source}: prompt file not found")
     if source.suffix.lower() == ".txt":
-        lines = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line for line in split_lines(source.read_text(encoding="utf-8")) if line.strip()]
         return prompt_table(lines, str(source), limit)
     if source.suffix.lower() == ".parquet":
         columns = pd.read_parquet(source).columns
@@ -589,6 +589,10 @@ def run_evaluation(
     from unifl.models.base import load_base_model
     from unifl.models.precision import precision_from_config
 
+    check_output_apart(
+        out_dir,
+        [model_source, prompts_path, segmenter_dir, reward_dir, real_data_dir, baseline_source],
+    )
     config = params.evaluate
     device, dtype, vae_dtype = precision_from_config(params.project)
     table = load_eval_prompts(prompts_path, limit=config.num_prompts)

@@ -506,9 +506,12 @@ def train_reward_stage(
     configuration, then cached), or a random toy CLIP at the toy world's resolution when
     `bootstrap.clip_steps` is 0. Seeds come from `params.project.seed`.
     """
+    from unifl.io import check_output_apart
     from unifl.models.precision import resolve_device
     from unifl.models.reward import build_reward_model
 
+    pairs_path = None if isinstance(pairs, pd.DataFrame) else pairs
+    check_output_apart(out_dir, [pairs_path, images_root])
     config = params.reward
     # Bad pairs fail before the backbone is built: the toy one may train a bootstrap first.
     pairs = checked_pairs(pairs, images_root, DIMENSIONS, config)
