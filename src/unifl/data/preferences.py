@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from unifl.config import DIMENSIONS
@@ -61,10 +62,13 @@ def check_table(frame: pd.DataFrame, columns: dict[str, str], source: str) -> pd
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise PreferenceTableError(f"{source}: missing columns {missing}")
-    frame = frame[list(columns)].astype(columns)
+    frame = frame[list(columns)].reset_index(drop=True)
+    for column, dtype in columns.items():
+        _check_column(frame[column], dtype, source)
+    frame = frame.astype(columns)
     bad_dim = ~frame["dimension"].isin(VALID_DIMENSIONS)
     if bad_dim.any():
-        row = int(bad_dim.to_numpy().nonzero()[0][0])
+        row = _first(bad_dim)
         raise PreferenceTableError(
             f"{source}: row {row}: unknown dimension {frame['dimension'].iloc[row]!r} "
             f"(expected one of {VALID_DIMENSIONS})"
@@ -72,12 +76,43 @@ def check_table(frame: pd.DataFrame, columns: dict[str, str], source: str) -> pd
     if "choice" in columns:
         bad = ~frame["choice"].isin(CHOICES)
         if bad.any():
-            row = int(bad.to_numpy().nonzero()[0][0])
+            row = _first(bad)
             raise PreferenceTableError(
                 f"{source}: row {row}: unknown choice {frame['choice'].iloc[row]!r} "
                 f"(expected one of {CHOICES})"
             )
     return frame.reset_index(drop=True)
+
+
+def _check_column(values: pd.Series, dtype: str, source: str) -> None:
+    """No missing values, and values that `astype(dtype)` keeps as they are.
+
+    A plain cast would turn the string "False" into True and 2.7 votes into 2.
+    """
+    missing = values.isna()
+    if missing.any():
+        raise PreferenceTableError(f"{source}: row {_first(missing)}: {values.name!r} is missing")
+    if dtype == "string" or (dtype == "bool" and pd.api.types.is_bool_dtype(values.dtype)):
+        return
+    is_bool = values.map(lambda value: isinstance(value, bool | np.bool_))
+    if dtype == "bool":
+        bad, expected = ~is_bool, "True or False"
+    else:
+        numbers = pd.to_numeric(values, errors="coerce")
+        bad, expected = numbers.isna() | is_bool, "a number"
+        if dtype == "int64":
+            bad, expected = bad | (numbers != numbers.round()), "a whole number"
+    if bad.any():
+        row = _first(bad)
+        value = values.iloc[row]
+        value = value.item() if isinstance(value, np.generic) else value
+        raise PreferenceTableError(
+            f"{source}: row {row}: {values.name!r} must be {expected}, got {value!r}"
+        )
+
+
+def _first(mask: pd.Series) -> int:
+    return int(mask.to_numpy().nonzero()[0][0])
 
 
 def empty_table(columns: dict[str, str]) -> pd.DataFrame:
