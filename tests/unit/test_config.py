@@ -96,6 +96,12 @@ def test_broken_yaml_and_missing_file(tmp_path):
     assert str(path) in str(error.value)
     with pytest.raises(ConfigError, match="file not found"):
         load_params(tmp_path / "absent.yaml")
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"project:\n  seed: caf\xe9\n")
+    with pytest.raises(ConfigError, match=rf"{latin1}: not UTF-8 text \(byte 0xe9 at offset 20\)"):
+        load_params(latin1)
+    with pytest.raises(ConfigError, match=rf"{tmp_path}: cannot be read \(Is a directory\)"):
+        load_params(tmp_path)
 
 
 def test_every_field_is_documented():

@@ -16,6 +16,7 @@ from unifl.data.validation import (
     RESULT_FILE,
     SUMMARY_FILE,
     DataValidationError,
+    TableReadError,
     ValidationOptions,
     validate,
 )
@@ -191,6 +192,33 @@ def test_evaluation_suite_requires_columns_and_finite_numbers(tmp_path: Path) ->
         ("expect_column_values_to_not_be_null", "clip_score"): [2],
     }
     assert_reports_written(tmp_path / "bad", success=False)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("extra.csv", b"prompt_id,prompt\np1,a cat,x\n", "a row has more fields than the header"),
+        ("ragged.csv", b"prompt_id,prompt\np1,a cat\np2,a dog,x\n", "Expected 2 fields in line 3"),
+        ("latin1.csv", b"prompt_id,prompt\np1,a caf\xe9\n", "'utf-8' codec can't decode"),
+        ("empty.csv", b"", "No columns to parse"),
+        ("bad.jsonl", b'{"prompt_id": "p1"}\n{bad\n', "cannot be read as a table"),
+        ("bad.parquet", b"not parquet", "cannot be read as a table"),
+    ],
+)
+def test_unreadable_tables_are_errors_naming_the_file(tmp_path, name, content, message) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(TableReadError, match=message) as info:
+        validate("prompts", path, tmp_path / "report")
+    assert str(info.value).startswith(f"{path}: ")
+    assert not (tmp_path / "report").exists()
+
+
+def test_a_trailing_comma_on_every_row_keeps_the_columns_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "spreadsheet.csv"
+    path.write_text("prompt_id,prompt\np1,a red circle,\np2,a blue square,\n")
+    result = validate("prompts", path, tmp_path / "report")
+    assert result.success and result.rows == 2
 
 
 def test_unknown_kind_is_an_error(tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,7 +44,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from unifl.data.preferences import CHOICES, PAIR_COLUMNS, VALID_DIMENSIONS, VOTE_COLUMNS
-from unifl.io import atomic_directory, write_json, write_text
+from unifl.io import atomic_directory, check_output_apart, write_json, write_text
 
 ValidationKind = Literal["prompts", "pairs", "votes", "evaluation"]
 VALIDATION_KINDS: tuple[str, ...] = ("prompts", "pairs", "votes", "evaluation")
@@ -62,6 +63,10 @@ class DataValidationError(ValueError):
     def __init__(self, message: str, result: ValidationResult) -> None:
         super().__init__(message)
         self.result = result
+
+
+class TableReadError(ValueError):
+    """The table to validate cannot be read; the message names the file."""
 
 
 @dataclass
@@ -307,13 +312,27 @@ def _load_table(table: pd.DataFrame | str | Path) -> tuple[pd.DataFrame, str, Pa
         path = candidates[0]
     if not path.is_file():
         raise FileNotFoundError(f"{path}: table to validate not found")
-    if path.suffix.lower() == ".csv":
-        frame = pd.read_csv(path)
-    elif path.suffix.lower() in (".jsonl", ".ndjson"):
-        frame = pd.read_json(path, lines=True)
-    else:
-        frame = pd.read_parquet(path)
+    try:
+        frame = _read_table_file(path)
+    except pd.errors.ParserWarning:
+        raise TableReadError(f"{path}: a row has more fields than the header names") from None
+    except (ValueError, OSError) as exc:  # parse, decoding and Arrow errors
+        raise TableReadError(f"{path}: cannot be read as a table: {str(exc).strip()}") from None
     return frame.reset_index(drop=True), str(path), path.parent
+
+
+def _read_table_file(path: Path) -> pd.DataFrame:
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        # index_col=False: a trailing comma on every row (as spreadsheets write) is not
+        # read as an index column that shifts the others; a row with more values than
+        # the header is an error instead of data dropped without a word.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            return pd.read_csv(path, index_col=False)
+    if suffix in (".jsonl", ".ndjson"):
+        return pd.read_json(path, lines=True)
+    return pd.read_parquet(path)
 
 
 def _examples(
@@ -477,6 +496,8 @@ def validate(
     if kind not in _SUITES:
         raise ValueError(f"unknown validation kind {kind!r}; expected one of {VALIDATION_KINDS}")
     options = options or ValidationOptions()
+    table_path = None if isinstance(table_or_path, pd.DataFrame) else table_or_path
+    check_output_apart(out_dir, [table_path, options.image_root])
     frame, source, table_dir = _load_table(table_or_path)
     root = Path(options.image_root) if options.image_root else (table_dir or Path.cwd())
     suite = _SUITES[kind](frame, options, root)
