@@ -1,6 +1,7 @@
 """The toy bootstrap: loadable outputs, a manifest with its measurements, caching by config."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -119,6 +120,31 @@ def test_segmenter_trains_alike_in_a_side_process(tmp_path):
     assert weights[True].keys() == weights[False].keys()
     for name, tensor in weights[True].items():
         assert torch.equal(tensor, weights[False][name]), name
+
+
+def test_a_failure_beside_a_side_job_ends_the_job_instead_of_waiting_for_it(tmp_path):
+    """A failed UNet training must not wait for the decoder training in the side process."""
+    import runpy
+
+    import psutil
+
+    from unifl.toy.bootstrap import _side_process
+
+    started, finished = tmp_path / "started", tmp_path / "finished"
+    job = tmp_path / "job.py"
+    job.write_text(
+        "import os, pathlib, time\n"
+        f"pathlib.Path({str(started)!r}).write_text(str(os.getpid()))\n"
+        "time.sleep(30)\n"
+        f"pathlib.Path({str(finished)!r}).write_text('done')\n"
+    )
+    with pytest.raises(RuntimeError, match="the UNet failed"), _side_process(True) as side:
+        side.submit(runpy.run_path, path_name=str(job))
+        while not started.exists():
+            time.sleep(0.05)
+        raise RuntimeError("the UNet failed")
+    assert not psutil.pid_exists(int(started.read_text()))
+    assert not finished.exists()
 
 
 def test_unet_trained_by_two_processes_equals_one_process_on_the_whole_batch(tmp_path):

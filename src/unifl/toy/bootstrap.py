@@ -758,7 +758,23 @@ def _side_process(parallel: bool):
     with ProcessPoolExecutor(
         max_workers=1, mp_context=multiprocessing.get_context("spawn")
     ) as pool:
-        yield pool
+        try:
+            yield pool
+        except BaseException:
+            # The bootstrap failed (or was interrupted) here: its side jobs are of no use
+            # any more, and leaving the pool would wait for the one running to finish.
+            _stop_now(pool)
+            raise
+
+
+def _stop_now(pool: ProcessPoolExecutor) -> None:
+    """Cancel `pool`'s pending jobs and end its workers without waiting for them."""
+    workers = list((pool._processes or {}).values())  # no public handle before Python 3.14
+    pool.shutdown(wait=False, cancel_futures=True)
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.join()
 
 
 class _Deferred:
