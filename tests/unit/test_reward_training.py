@@ -30,7 +30,7 @@ from unifl.feedback.reward_training import (
     split_by_prompt,
     train_reward_model,
 )
-from unifl.models.reward import DecoupledRewardModel, build_toy_reward_model
+from unifl.models.reward import DecoupledRewardModel, RewardModelError, build_toy_reward_model
 
 
 def softplus(x: float) -> float:
@@ -436,6 +436,33 @@ def small_set(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
 @pytest.fixture(scope="module")
 def tiny_model() -> DecoupledRewardModel:
     return build_toy_reward_model(image_size=32, seed=0, head_hidden_dim=8)
+
+
+def test_weights_that_diverge_on_the_last_step_are_never_saved(small_set, tmp_path, one_thread):
+    root, pairs = small_set
+    model = build_toy_reward_model(image_size=32, seed=0, head_hidden_dim=8)
+    # One step, whose loss is still finite; the update it makes is not.
+    config = RewardConfig(epochs=1, batch_size=256, learning_rate=1e6, backbone_learning_rate=1e6)
+    with pytest.raises(
+        RewardTrainingError, match=r"epoch 0: the validation loss is nan after step 1"
+    ):
+        train_reward_model(pairs, root, model, config, out_dir=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_non_finite_alpha_is_refused_and_never_loaded(tmp_path: Path):
+    model = build_toy_reward_model(image_size=32, seed=0, head_hidden_dim=8)
+    with pytest.raises(
+        RewardModelError, match=r"alpha must be a finite number; got \{'color': nan\}"
+    ):
+        model.set_alphas({"color": math.nan})
+    model.save(tmp_path / "model")
+    config = tmp_path / "model" / "reward_config.json"
+    settings = json.loads(config.read_text())
+    settings["alphas"]["lighting"] = math.inf
+    config.write_text(json.dumps(settings))
+    with pytest.raises(RewardModelError, match=rf"{config}: alpha must be a finite number"):
+        DecoupledRewardModel.load(tmp_path / "model")
 
 
 def test_an_empty_table_is_an_error(small_set, tiny_model, tmp_path: Path):

@@ -422,6 +422,13 @@ def train_reward_model(
                         step, {"train/loss": loss_value, "train/accuracy": batch_accuracy}
                     )
             val_metrics, _ = evaluate_pairs(model, store, val, config.batch_size, config.tie_rule)
+            if not math.isfinite(val_metrics["loss"]):
+                # The last update can make the weights non-finite after the last finite loss.
+                raise RewardTrainingError(
+                    f"epoch {epoch}: the validation loss is {val_metrics['loss']} after step "
+                    f"{step}: the model's rewards are no longer finite; lower "
+                    "reward.learning_rate (nothing was written)"
+                )
             entry = {
                 "epoch": float(epoch),
                 "step": float(step),
@@ -446,6 +453,14 @@ def train_reward_model(
 
     # `val_metrics` of the last epoch describe the final weights: calibrate from them.
     calibrated = {dim: val_metrics[f"alpha/{dim}"] for dim in model.dimensions}
+    unset = [dim for dim, alpha in calibrated.items() if not math.isfinite(alpha)]
+    unset = [dim for dim in unset if dim not in config.alpha_override]
+    if unset:
+        raise RewardTrainingError(
+            f"alpha of {unset} cannot be calibrated: the validation split has no pair with a "
+            "preferred image for it; raise reward.val_fraction or set reward.alpha_override "
+            "(nothing was written)"
+        )
     model.set_alphas({**calibrated, **config.alpha_override})
     metrics: dict[str, float] = {
         "val/loss": val_metrics["loss"],

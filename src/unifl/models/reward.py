@@ -191,6 +191,9 @@ class DecoupledRewardModel(nn.Module):
             raise RewardModelError(
                 f"alpha given for unknown dimensions {unknown}; the model has {self.dimensions}"
             )
+        infinite = {dim: value for dim, value in alphas.items() if not math.isfinite(float(value))}
+        if infinite:
+            raise RewardModelError(f"alpha must be a finite number; got {infinite}")
         for dim, value in alphas.items():
             self.alphas[dim] = float(value)
 
@@ -381,6 +384,8 @@ class DecoupledRewardModel(nn.Module):
             )
         except KeyError as exc:
             raise RewardModelError(f"{config_path}: missing field {exc.args[0]!r}") from None
+        except RewardModelError as exc:
+            raise RewardModelError(f"{config_path}: {exc}") from None
         if model.image_size != preprocessing["image_size"]:
             raise RewardModelError(
                 f"{config_path}: image_size {preprocessing['image_size']} does not match the "
