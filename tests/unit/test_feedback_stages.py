@@ -513,6 +513,23 @@ def test_the_samples_are_written_once_and_read_back_by_a_resumed_run(inputs, tmp
     assert len(list(directory.glob("*.png"))) == 3
 
 
+def test_another_stages_directory_fails_before_the_samples_are_drawn(inputs, tmp_path):
+    from unifl.feedback.trainer import ResumeError
+
+    run_pefl(
+        params(),
+        inputs / "base",
+        inputs / "data",
+        tmp_path,
+        segmenter=inputs / "segmenter",
+        progress=False,
+    )
+    settings = (*SAMPLE_SETTINGS, "adversarial.real_sample_count=3")
+    with pytest.raises(ResumeError, match=r"stage: 'pefl' -> 'adversarial'"):
+        adversarial_trainer(inputs, *settings, out=tmp_path)
+    assert not (tmp_path / "real_samples").exists()
+
+
 def test_a_run_stopped_while_sampling_samples_only_the_chunks_it_did_not_finish(
     inputs, tmp_path, monkeypatch
 ):

@@ -398,3 +398,37 @@ def test_nan_loss_stops_with_the_step_named_and_the_last_checkpoint_intact(tmp_p
     )
     with pytest.raises(ResumeError, match="lora_target_modules: "):
         wider.train()
+    # What the checkpoint restores with the optimiser (or bakes into the merged model) must
+    # not change without a word either.
+    for override, message in (
+        ("trainer.lora_alpha=64", r"lora_alpha: None -> 64"),
+        (
+            "decoupled.learning_rate=1e-6",
+            r"learning_rates: \{'unet': 0.0001\} -> \{'unet': 1e-06\}",
+        ),
+        ("trainer.warmup_steps=7", r"warmup_steps: \d+ -> 7"),
+        ("trainer.ema_decay=0.9", r"ema_decay: None -> 0.9"),
+    ):
+        changed = DecoupledTrainer(
+            build_toy_model("toy-sd15"),
+            reward_model(),
+            ["a red circle"],
+            tiny_params("decoupled.steps=4", override),
+            tmp_path,
+            progress=False,
+        )
+        with pytest.raises(ResumeError, match=message):
+            changed.train()
+    other_base = build_toy_model("toy-sd15")
+    other_base.source = str(tmp_path / "another-base")
+    (tmp_path / "another-base").mkdir()
+    moved = DecoupledTrainer(
+        other_base,
+        reward_model(),
+        ["a red circle"],
+        tiny_params("decoupled.steps=4"),
+        tmp_path,
+        progress=False,
+    )
+    with pytest.raises(ResumeError, match=rf"base_model: 'toy-sd15' -> '{tmp_path}/another-base'"):
+        moved.train()

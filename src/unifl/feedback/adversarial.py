@@ -716,6 +716,14 @@ class AdversarialTrainer(FeedbackTrainer):
             progress=progress,
         )
         self.reward_model = self.frozen(reward_model)
+        self.discriminator = self.add_trainable(
+            "discriminator", discriminator, config.discriminator_learning_rate
+        )
+        if isinstance(discriminator, UNetFeatureDiscriminator) and not discriminator.shares_unet:
+            # Only read, never trained: the compute dtype, as the model's frozen UNet under LoRA.
+            move_module(discriminator.unet, self.device, self.compute_dtype)
+        # Another run's checkpoints in `out_dir` fail here, before the samples are drawn.
+        self.checkpoint_to_resume()
         if config.real_images == "samples":
             data = starting_model_samples(
                 self.model,
@@ -743,12 +751,6 @@ class AdversarialTrainer(FeedbackTrainer):
         self.weights: dict[str, float] = {}
         if config.aesthetic_weight > 0:
             self.weights = resolve_aesthetic_weights(params.decoupled.weights, reward_model)
-        self.discriminator = self.add_trainable(
-            "discriminator", discriminator, config.discriminator_learning_rate
-        )
-        if isinstance(discriminator, UNetFeatureDiscriminator) and not discriminator.shares_unet:
-            # Only read, never trained: the compute dtype, as the model's frozen UNet under LoRA.
-            move_module(discriminator.unet, self.device, self.compute_dtype)
 
     def batch(self, micro_batch: int) -> ImageBatch:
         return collate_images([self.data_set[i] for i in self.data.indices(micro_batch)])

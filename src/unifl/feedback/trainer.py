@@ -435,6 +435,12 @@ class ExponentialMovingAverage:
 # --------------------------------------------------------------------------- pieces
 
 
+def _model_identity(source: str) -> str:
+    """A base model's source as a checkpoint records it: local directories as absolute paths,
+    so `runs/x` and `/work/runs/x` are one model."""
+    return os.path.abspath(source) if source and Path(source).exists() else source
+
+
 class LinearWarmup:
     """LR factor: linear from 1/(W+1) to 1 over `W` steps, then constant (a class so it checkpoints)."""
 
@@ -821,10 +827,17 @@ class FeedbackTrainer:
             "family": self.model.family,
             "use_lora": self.config.use_lora,
             "lora_rank": self.config.lora_rank if self.config.use_lora else None,
+            "lora_alpha": self.config.lora_alpha if self.config.use_lora else None,
             "lora_target_modules": self.config.lora_target_modules
             if self.config.use_lora
             else None,
-            "ema": self.config.ema_decay is not None,
+            "base_model": _model_identity(self.model.source),
+            # The checkpoint restores these with the optimiser, the schedule and the average:
+            # a changed value would be ignored without a word.
+            "learning_rates": {group.name: group.learning_rate for group in self.groups},
+            "weight_decay": self.config.weight_decay,
+            "warmup_steps": self.config.warmup_steps,
+            "ema_decay": self.config.ema_decay,
             "trainable": [group.name for group in self.groups],
             "batch_size": self.config.batch_size,
             "gradient_accumulation_steps": self.config.gradient_accumulation_steps,
@@ -1053,11 +1066,31 @@ class FeedbackTrainer:
 
     def resume(self) -> int:
         """Load the newest checkpoint in `out_dir` if there is one; the step to continue from."""
+        checkpoint = self.checkpoint_to_resume()
+        if checkpoint is None:
+            return 0
+        step, path, state = checkpoint
+        self.accelerator.load_state(str(path))
+        self.history = [
+            {k: (float("nan") if v is None else v) for k, v in row.items()}
+            for row in state.get("history", [])
+        ]
+        self.resumed_from = step
+        self._last_checkpoint = path
+        return step
+
+    def checkpoint_to_resume(self) -> tuple[int, Path, dict[str, Any]] | None:
+        """The newest checkpoint in `out_dir` (step, directory, trainer state), checked
+        against this run; a checkpoint of another run is a `ResumeError`.
+
+        A stage with costly set-up (the adversarial stage's real samples) calls it before
+        that work, so another run's directory fails at once.
+        """
         import json
 
         found = checkpoint_steps(self.out_dir)
         if not found:
-            return 0
+            return None
         step, path = found[-1]
         state_path = path / TRAINER_STATE_FILE
         try:
@@ -1088,14 +1121,7 @@ class FeedbackTrainer:
                 self.accelerator.num_processes,
                 state.get("num_processes"),
             )
-        self.accelerator.load_state(str(path))
-        self.history = [
-            {k: (float("nan") if v is None else v) for k, v in row.items()}
-            for row in state.get("history", [])
-        ]
-        self.resumed_from = step
-        self._last_checkpoint = path
-        return step
+        return step, path, state
 
     # ------------------------------------------------------------------- loop
     def _check_finite(self, value: Tensor, step: int, what: str, logs: Mapping[str, float]) -> None:
@@ -1104,7 +1130,9 @@ class FeedbackTrainer:
         if bool(flags.min() < 1):
             terms = ", ".join(f"{k}={v:.4g}" for k, v in logs.items())
             where = (
-                f"the last checkpoint {self._last_checkpoint} is intact and a rerun resumes there"
+                f"the last checkpoint {self._last_checkpoint} is intact: a rerun with the same "
+                "settings resumes there, one with a lower learning rate starts in another "
+                "output directory"
                 if self._last_checkpoint is not None
                 else "no checkpoint was written yet"
             )
