@@ -563,6 +563,8 @@ def _collect(placement: Placement, d: dict[str, Any]) -> Callable[..., Any]:
                 pairs=pairs,
             ).after(lineage)
             graph.tracked(graph.secrets(push, ("labeling",)))
+            # With labeling.storage 's3' the push uploads the pair images to the bucket.
+            graph.secrets(push, ("s3",), optional=True)
 
     return unifl_collect
 
@@ -622,6 +624,8 @@ def _train_pipeline(placement: Placement, d: dict[str, Any]) -> Callable[..., An
                 dvc_remote="",
             )
             graph.tracked(graph.secrets(pull, ("labeling",)))
+            # The labels are pushed to the DVC remote when pipeline.dvc_remote is s3://.
+            graph.secrets(pull, ("s3",), optional=True)
             labels = pull.outputs["labels"]
             check_labels = _validate_labels(
                 graph, resolved.outputs["data_params_yaml"], labels, pairs.output

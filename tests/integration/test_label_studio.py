@@ -7,6 +7,7 @@ import json
 import uuid
 from pathlib import Path
 
+import boto3
 import httpx
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from unifl.labeling.annotators import (
 from unifl.labeling.client import LabelStudioClient, LabelStudioClientError, Secret
 from unifl.labeling.export import convert_export
 from unifl.labeling.label_config import build_label_config
+from unifl.labeling.object_store import ObjectStoreError, upload_pair_images
 from unifl.labeling.pipeline import label_pairs, pull_labels, push_pairs
 from unifl.labeling.tasks import write_pair_manifest
 
@@ -289,40 +291,137 @@ def test_wrong_token_gives_a_clear_error_without_the_token(
     assert wrong not in result.output
 
 
-def test_cli_push_and_pull(label_studio, label_studio_document_root, tmp_path, monkeypatch):
+def test_cli_push_and_pull(
+    label_studio, label_studio_client, label_studio_document_root, tmp_path, monkeypatch
+):
     pairs_dir = label_studio_document_root / f"cli-{uuid.uuid4().hex[:8]}"
     make_pairs(pairs_dir)
     monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
     (tmp_path / "params.yaml").write_text("{}\n")
-    settings = [
-        "--params", str(tmp_path / "params.yaml"),
-        "--set", f"labeling.url={label_studio.url}",
-        "--set", f"labeling.token_file={label_studio.token_path}",
-        "--set", f"labeling.document_root={label_studio_document_root}",
-        "--set", f"labeling.project_title=cli {uuid.uuid4().hex[:8]}",
-    ]  # fmt: skip
+
+    def settings(title: str) -> list[str]:
+        return [
+            "--params", str(tmp_path / "params.yaml"),
+            "--set", f"labeling.url={label_studio.url}",
+            "--set", f"labeling.token_file={label_studio.token_path}",
+            "--set", f"labeling.document_root={label_studio_document_root}",
+            "--set", f"labeling.project_title={title}",
+        ]  # fmt: skip
+
+    title = f"cli {uuid.uuid4().hex[:8]}"
+    labels = tmp_path / "labels"
     runner = CliRunner()
-    pushed = runner.invoke(app, ["labeling", "push", "--pairs", str(pairs_dir), *settings])
+    pushed = runner.invoke(app, ["labeling", "push", "--pairs", str(pairs_dir), *settings(title)])
     assert pushed.exit_code == 0, pushed.output
     assert "(created)" in pushed.output and "imported 3 tasks, 0 already present" in pushed.output
-    pulled = runner.invoke(app, ["labeling", "pull", "--out", str(tmp_path / "labels"), *settings])
+
+    # Nobody has annotated yet: the pull says so and writes nothing.
+    early = runner.invoke(app, ["labeling", "pull", "--out", str(labels), *settings(title)])
+    assert early.exit_code == 2
+    assert "0 annotated tasks of 3 (0 annotations" in early.output
+    assert f"nothing was written to {labels}" in early.output
+    assert not labels.exists()
+
+    (project,) = label_studio_client.find_projects(title)
+    first_task = min(task.id for task in label_studio_client.sdk.tasks.list(project=project.id))
+    label_studio_client.create_annotation(
+        first_task, annotation_result({"color": "A", "overall": "B"})
+    )
+    pulled = runner.invoke(app, ["labeling", "pull", "--out", str(labels), *settings(title)])
     assert pulled.exit_code == 0, pulled.output
-    assert "3 tasks, 0 annotations" in pulled.output
-    assert read_pairs(tmp_path / "labels" / "pairs.parquet").empty
-    assert label_studio.credentials.token not in pushed.output + pulled.output
+    assert "3 tasks, 1 annotations" in pulled.output
+    written = read_pairs(labels / "pairs.parquet")
+    assert sorted(written["dimension"]) == ["color", "overall"]
+
+    # A pull from a project without annotations (here: the wrong title) keeps the labels.
+    other = f"cli other {uuid.uuid4().hex[:8]}"
+    other_push = runner.invoke(
+        app, ["labeling", "push", "--pairs", str(pairs_dir), *settings(other)]
+    )
+    assert other_push.exit_code == 0, other_push.output
+    wrong = runner.invoke(app, ["labeling", "pull", "--out", str(labels), *settings(other)])
+    assert wrong.exit_code == 2
+    assert (
+        "0 annotated tasks of 3" in wrong.output and f"{labels} is left as it was" in wrong.output
+    )
+    assert read_pairs(labels / "pairs.parquet").equals(written)
+    outputs = pushed.output + early.output + pulled.output + wrong.output
+    assert label_studio.credentials.token not in outputs
 
 
-def test_s3_storage_serves_presigned_images(
+def new_bucket(s3_server: str) -> str:
+    """An empty bucket on the S3 test server (on a cluster the minio-buckets Job makes them)."""
+    bucket = f"pairs-{uuid.uuid4().hex[:8]}"
+    assert httpx.put(f"{s3_server}/{bucket}").status_code == 200
+    return bucket
+
+
+def test_pair_images_are_uploaded_once_and_again_when_changed(s3_server, tmp_path):
+    pairs_dir = tmp_path / "pairs"
+    rows = make_pairs(pairs_dir)
+    bucket = new_bucket(s3_server)
+    labeling = load_params(
+        None,
+        overrides=[
+            "labeling.storage=s3",
+            f"labeling.s3_bucket={bucket}",
+            "labeling.s3_prefix=/runs/3/pairs/",
+            f"labeling.s3_endpoint={s3_server}",
+            "labeling.s3_region=us-east-1",
+        ],
+    ).labeling
+    secret = "s3-test-secret-0e4b7a91c2"
+    environ = {"AWS_ACCESS_KEY_ID": "test-key-id", "AWS_SECRET_ACCESS_KEY": secret}
+
+    first = upload_pair_images(labeling, pairs_dir, environ=environ)
+    assert (first.uploaded, first.already_present) == (6, 0)
+    assert first.bytes_uploaded == sum(
+        (pairs_dir / r[s]).stat().st_size for r in rows for s in ("image_a", "image_b")
+    )
+    store = boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        region_name="us-east-1",
+        aws_access_key_id="test-key-id",
+        aws_secret_access_key=secret,
+    )
+
+    def stored(relative: str) -> dict:
+        return store.get_object(Bucket=bucket, Key=f"runs/3/pairs/{relative}")
+
+    for row in rows:
+        for side in ("image_a", "image_b"):
+            item = stored(row[side])
+            assert item["Body"].read() == (pairs_dir / row[side]).read_bytes()
+            assert item["ContentType"] == "image/png"
+    listed = store.list_objects_v2(Bucket=bucket)["Contents"]
+    assert len(listed) == 6
+
+    again = upload_pair_images(labeling, pairs_dir, environ=environ)
+    assert (again.uploaded, again.already_present, again.bytes_uploaded) == (0, 6, 0)
+
+    # A regenerated image (another size) is uploaded again; the others are left alone.
+    Image.new("RGB", (24, 24), (1, 2, 3)).save(pairs_dir / "images" / "p2_b.png")
+    changed = upload_pair_images(labeling, pairs_dir, environ=environ)
+    assert (changed.uploaded, changed.already_present) == (1, 5)
+    assert (
+        stored("images/p2_b.png")["Body"].read() == (pairs_dir / "images" / "p2_b.png").read_bytes()
+    )
+
+    missing_bucket = labeling.model_copy(update={"s3_bucket": f"absent-{uuid.uuid4().hex[:8]}"})
+    with pytest.raises(ObjectStoreError) as info:
+        upload_pair_images(missing_bucket, pairs_dir, environ=environ)
+    message = str(info.value)
+    assert f"bucket {missing_bucket.s3_bucket!r} does not exist on {s3_server}" in message
+    assert secret not in message
+
+
+def test_s3_storage_serves_the_uploaded_images(
     label_studio, label_studio_client, s3_server, tmp_path, monkeypatch
 ):
     pairs_dir = tmp_path / "pairs"
-    rows = make_pairs(pairs_dir)
-    bucket, prefix = f"pairs-{uuid.uuid4().hex[:8]}", "runs/7/pairs"
-    assert httpx.put(f"{s3_server}/{bucket}").status_code == 200
-    for row in rows:
-        for side in ("image_a", "image_b"):
-            body = (pairs_dir / row[side]).read_bytes()
-            assert httpx.put(f"{s3_server}/{bucket}/{prefix}/{row[side]}", content=body).is_success
+    make_pairs(pairs_dir)
+    bucket, prefix = new_bucket(s3_server), "runs/7/pairs"
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test-key-id")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
     params = labeling_params(
@@ -336,9 +435,12 @@ def test_s3_storage_serves_presigned_images(
         s3_presign=True,
         presign_ttl_minutes="5",
     )
+    # The push uploads the images under the keys the tasks name; a second push finds them.
     pushed = push_pairs(label_studio_client, params.labeling, pairs_dir)
     again = push_pairs(label_studio_client, params.labeling, pairs_dir)
     assert pushed.tasks_imported == 3 and again.tasks_imported == 0
+    assert (pushed.images_uploaded, pushed.images_already_present) == (6, 0)
+    assert (again.images_uploaded, again.images_already_present) == (0, 6)
     assert again.storage_id == pushed.storage_id
 
     task_id = pushed.task_ids_by_pair["p1"]
@@ -363,3 +465,26 @@ def test_s3_storage_serves_presigned_images(
     image = httpx.get(location)
     assert image.status_code == 200
     assert image.content == (pairs_dir / "images" / "p1_a.png").read_bytes()
+
+    # Without presigned URLs (the in-cluster setting) Label Studio streams the image itself;
+    # another project on the same pairs finds every image already in the bucket.
+    proxied = labeling_params(
+        label_studio,
+        tmp_path,
+        storage="s3",
+        s3_bucket=bucket,
+        s3_prefix=prefix,
+        s3_endpoint=s3_server,
+        s3_region="us-east-1",
+        s3_presign=False,
+    )
+    streamed_push = push_pairs(label_studio_client, proxied.labeling, pairs_dir)
+    assert (streamed_push.images_uploaded, streamed_push.images_already_present) == (0, 6)
+    task_id = streamed_push.task_ids_by_pair["p2"]
+    shown = label_studio_client.sdk.tasks.get(task_id).data["image_b"]
+    streamed = httpx.get(
+        label_studio.url + shown,
+        headers={"Authorization": f"Token {label_studio.credentials.token}"},
+    )
+    assert streamed.status_code == 200
+    assert streamed.content == (pairs_dir / "images" / "p2_b.png").read_bytes()

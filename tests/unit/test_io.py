@@ -40,6 +40,25 @@ def test_a_stage_refuses_to_write_over_its_inputs_before_it_starts(tmp_path: Pat
     assert source.read_text() == "prompt\na red circle on a dark background\n"
 
 
+def test_labels_and_feedback_stages_refuse_to_replace_their_inputs(tmp_path: Path) -> None:
+    from unifl.feedback.stages import check_outputs_apart, run_decoupled, run_pefl
+    from unifl.labeling.pipeline import label_pairs
+
+    params = load_params()
+    pairs = tmp_path / "pairs"
+    with pytest.raises(OutputPathError, match="pairs"):
+        label_pairs(params, pairs, pairs)
+    # A later stage pointed at the previous stage's directory would replace its model.
+    previous = tmp_path / "pefl"
+    with pytest.raises(OutputPathError, match=r"pefl/model holds the input .*pefl/model"):
+        run_decoupled(params, previous / "model", ["a red circle"], tmp_path / "reward", previous)
+    with pytest.raises(OutputPathError, match="holds the input"):
+        run_pefl(params, "toy-sd15", previous / "model" / "data", previous)
+    # The stage directory itself may hold inputs: multi-node runs stage them there.
+    staged = tmp_path / "stage"
+    check_outputs_apart(staged, staged / "inputs" / "base", staged / "inputs" / "data", None)
+
+
 def test_the_working_directory_is_never_an_output(tmp_path: Path, monkeypatch) -> None:
     (tmp_path / "keep.txt").write_text("mine")
     (tmp_path / "sub").mkdir()

@@ -311,3 +311,40 @@ def test_empty_export_gives_empty_tables():
     result = convert_export([])
     assert result.votes.empty and result.pairs.empty
     assert result.summary.pairs == 0
+
+
+def test_an_export_without_votes_never_replaces_the_labels(tmp_path):
+    from unifl.labeling.pipeline import LabelingError, write_labels
+
+    labels = tmp_path / "labels"
+    write_labels([task(1, [{"color": "A"}])], labels, 1, source="project 1")
+    before = {path.name: path.read_bytes() for path in labels.iterdir()}
+
+    unannotated = [task(1, []), task(2, [{"color": "A"}], cancelled=(0,)), task(3, [{}])]
+    with pytest.raises(LabelingError) as info:
+        write_labels(unannotated, labels, 1, source="label-studio http://ls project 9")
+    message = str(info.value)
+    assert message.startswith("label-studio http://ls project 9: 0 annotated tasks of 3 ")
+    assert "(2 annotations, 1 cancelled, 1 without a choice)" in message
+    assert f"{labels} is left as it was" in message
+    assert {path.name: path.read_bytes() for path in labels.iterdir()} == before
+
+    fresh = tmp_path / "fresh"
+    with pytest.raises(LabelingError, match=f"nothing was written to {fresh}"):
+        write_labels([], fresh, 1, source="an empty export")
+    assert not fresh.exists()
+
+
+def test_an_export_whose_pairs_all_lack_votes_never_replaces_the_labels(tmp_path):
+    from unifl.labeling.pipeline import LabelingError, write_labels
+
+    labels = tmp_path / "labels"
+    write_labels([task(1, [{"color": "A"}, {"color": "B"}])], labels, 2, source="project 1")
+    before = (labels / "pairs.parquet").read_bytes()
+    with pytest.raises(LabelingError) as info:
+        write_labels([task(1, [{"color": "A"}]), task(2, [])], labels, 2, source="project 1")
+    assert str(info.value) == (
+        "project 1: 1 annotated tasks of 2, but no pair has 2 votes "
+        f"(labeling.min_annotators), so there are no labels; {labels} is left as it was."
+    )
+    assert (labels / "pairs.parquet").read_bytes() == before

@@ -11,6 +11,7 @@ from unifl.labeling.tasks import (
     local_files_url,
     pair_rows_to_tasks,
     read_pair_manifest,
+    s3_key,
     s3_url,
     url_to_relative_path,
     write_pair_manifest,
@@ -111,6 +112,9 @@ def test_s3_urls_join_prefix_and_path():
         "s3://bucket/datasets/pairs/images/p0_a.png"
     )
     assert s3_url("images/p0_a.png", "bucket") == "s3://bucket/images/p0_a.png"
+    # The object key the upload writes is the key of that URL.
+    assert s3_key("images/p0_a.png", "/datasets/pairs/") == "datasets/pairs/images/p0_a.png"
+    assert s3_key("images/p0_a.png", "") == "images/p0_a.png"
     assert url_to_relative_path("s3://bucket/datasets/x.png") == "datasets/x.png"
 
 

@@ -29,12 +29,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from unifl.feedback.trainer import (
+    LORA_DIR,
+    MODEL_DIR,
     ExportedModel,
     FeedbackTrainer,
     MetricsCallback,
     TrainingSummary,
 )
-from unifl.io import write_json
+from unifl.io import check_output_apart, write_json
 
 if TYPE_CHECKING:
     from unifl.config import Params
@@ -66,6 +68,19 @@ class StageResult:
 
 
 # --------------------------------------------------------------------------- inputs
+
+
+def check_outputs_apart(out_dir: str | Path, *inputs: str | Path | Sequence[str] | None) -> None:
+    """Refuse an `out_dir` whose replaced parts (model/, lora/, ...) are or hold an input.
+
+    `out_dir` itself may hold inputs (a multi-node run stages them under it), but e.g.
+    `--base runs/pefl/model --out runs/pefl` would replace the base model with the result.
+    """
+    from unifl.feedback.adversarial import DISCRIMINATOR_DIR, REAL_SAMPLES_DIR
+
+    paths = [value for value in inputs if isinstance(value, str | Path)]
+    for name in (MODEL_DIR, LORA_DIR, DISCRIMINATOR_DIR, REAL_SAMPLES_DIR):
+        check_output_apart(Path(out_dir) / name, paths)
 
 
 def load_stage_model(params: Params, base: str | Path) -> BaseModel:
@@ -191,6 +206,7 @@ def run_pefl(
     from unifl.feedback.pefl import PeflTrainer
     from unifl.feedback.perceptual import build_perceptual_loss
 
+    check_outputs_apart(out_dir, base, data, reward, segmenter)
     toy_segmenter = None
     if segmenter is not None:
         from unifl.models.segmenter import ToySegmenter
@@ -236,6 +252,7 @@ def run_decoupled(
     """
     from unifl.feedback.decoupled import DecoupledTrainer
 
+    check_outputs_apart(out_dir, base, prompts, reward, data)
     prompt_list = (
         load_prompt_list(prompts) if isinstance(prompts, str | Path) else [str(p) for p in prompts]
     )
@@ -276,6 +293,7 @@ def run_adversarial(
     """Adversarial feedback learning (stage 2), checked at the end with few-step sampling."""
     from unifl.feedback.adversarial import AdversarialTrainer
 
+    check_outputs_apart(out_dir, base, data, reward)
     images = load_image_data(data)
     trainer = AdversarialTrainer(
         load_stage_model(params, base),

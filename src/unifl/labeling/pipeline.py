@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from unifl.data.preferences import write_pairs, write_votes
-from unifl.io import atomic_directory, write_json
+from unifl.io import atomic_directory, check_output_apart, write_json
 from unifl.labeling.agreement import agreement_report
 from unifl.labeling.export import ConversionSummary, convert_export
 from unifl.labeling.label_config import build_instructions_html, build_label_config
 from unifl.labeling.tasks import (
     local_files_url,
-    missing_images,
+    pair_image_paths,
     pair_rows_to_tasks,
     read_pair_manifest,
     s3_url,
@@ -57,6 +57,10 @@ class PushReport:
     tasks_already_present: int
     storage_id: int | None
     task_ids_by_pair: dict[str, int]
+    images_uploaded: int = 0
+    """Images written to the bucket by this push (storage 's3')."""
+    images_already_present: int = 0
+    """Images the bucket already held with the same size (storage 's3')."""
 
 
 @dataclass
@@ -83,22 +87,29 @@ def image_url_builder(labeling: LabelingConfig, pairs_dir: Path) -> Callable[[st
 def _read_pairs(pairs_dir: str | Path) -> tuple[Path, list[dict[str, Any]]]:
     pairs_dir = Path(pairs_dir)
     rows = read_pair_manifest(pairs_dir)
-    missing = missing_images(pairs_dir, rows)
-    if missing:
-        raise LabelingError(
-            f"{pairs_dir}: {len(missing)} images of the manifest are missing, e.g. {missing[:3]}"
-        )
+    pair_image_paths(pairs_dir, rows)  # a missing image is an error naming its row
     return pairs_dir, rows
 
 
 def push_pairs(
     client: LabelStudioClient, labeling: LabelingConfig, pairs_dir: str | Path
 ) -> PushReport:
-    """Create or update the project, attach the image storage, import the pairs' tasks."""
+    """Create or update the project, attach the image storage, import the pairs' tasks.
+
+    With storage 's3' the images are first uploaded to the bucket under the keys the tasks
+    name (`object_store.upload_pair_images`: what is already there is skipped), so the
+    server finds every image a task shows.
+    """
     client.whoami()  # a wrong URL or token fails here, before anything is read or sent
     pairs_dir, rows = _read_pairs(pairs_dir)
     image_url = image_url_builder(labeling, pairs_dir)
     tasks = pair_rows_to_tasks(rows, image_url)
+    uploaded = already_present = 0
+    if labeling.storage == "s3":
+        from unifl.labeling.object_store import upload_pair_images
+
+        upload = upload_pair_images(labeling, pairs_dir, rows)
+        uploaded, already_present = upload.uploaded, upload.already_present
     setup = client.ensure_project(
         labeling.project_title,
         build_label_config(),
@@ -106,12 +117,14 @@ def push_pairs(
         instructions_html=build_instructions_html(),
     )
     if labeling.storage == "s3":
+        from unifl.labeling.object_store import storage_endpoint
+
         storage_id = client.ensure_s3_storage(
             setup.id,
             labeling.s3_bucket or "",
             labeling.s3_prefix,
             region=labeling.s3_region,
-            endpoint=labeling.s3_endpoint,
+            endpoint=storage_endpoint(labeling),
             presign=labeling.s3_presign,
             presign_ttl_minutes=labeling.presign_ttl_minutes,
         )
@@ -126,6 +139,8 @@ def push_pairs(
         tasks_already_present=imported.already_present,
         storage_id=storage_id,
         task_ids_by_pair=imported.task_ids_by_pair,
+        images_uploaded=uploaded,
+        images_already_present=already_present,
     )
 
 
@@ -136,10 +151,16 @@ def write_labels(
     source: str,
     extra: dict[str, Any] | None = None,
 ) -> LabelsReport:
-    """Convert an export and write the labels directory atomically."""
+    """Convert an export and write the labels directory atomically.
+
+    An export without a single vote (nobody has annotated yet, or the wrong project), or
+    whose every pair falls below `min_annotators`, is an error naming `source`: nothing is
+    written, so an existing labels directory is never replaced by an empty one.
+    """
     result = convert_export(export, min_annotators=min_annotators)
-    agreement = agreement_report(result.votes)
     out_dir = Path(out_dir)
+    _check_not_empty(result.summary, result.votes, out_dir, source)
+    agreement = agreement_report(result.votes)
     with atomic_directory(out_dir) as tmp:
         with (tmp / EXPORT_FILE).open("w", encoding="utf-8") as handle:
             json.dump(export, handle, indent=1, ensure_ascii=False)
@@ -150,6 +171,27 @@ def write_labels(
             tmp / SUMMARY_FILE, {"source": source, **result.summary.to_dict(), **(extra or {})}
         )
     return LabelsReport(source=source, out_dir=out_dir, summary=result.summary, agreement=agreement)
+
+
+def _check_not_empty(summary: ConversionSummary, votes: Any, out_dir: Path, source: str) -> None:
+    if not votes.empty and summary.pairs > 0:
+        return
+    kept = (
+        f"{out_dir} is left as it was" if out_dir.exists() else f"nothing was written to {out_dir}"
+    )
+    if votes.empty:
+        raise LabelingError(
+            f"{source}: 0 annotated tasks of {summary.tasks} ({summary.annotations} "
+            f"annotations, {summary.annotations_cancelled} cancelled, "
+            f"{summary.annotations_empty} without a choice), so there are no labels; {kept}. "
+            "Annotate tasks first, or check that this is the right project."
+        )
+    annotated = votes["task_id"].nunique()
+    raise LabelingError(
+        f"{source}: {annotated} annotated tasks of {summary.tasks}, but no pair has "
+        f"{summary.min_annotators} votes (labeling.min_annotators), so there are no labels; "
+        f"{kept}."
+    )
 
 
 def pull_labels(
@@ -199,6 +241,7 @@ def label_pairs(
     )
 
     labeling = params.labeling
+    check_output_apart(out_dir, [pairs_dir])
     pairs_dir, rows = _read_pairs(pairs_dir)
     scorer = scorer or load_scorer(labeling.scorer, params)
     panel = make_panel(labeling.num_annotators, labeling.annotator_noise, seed=params.project.seed)

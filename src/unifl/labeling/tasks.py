@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
-from unifl.io import atomic_path
+from unifl.io import atomic_path, split_lines
 from unifl.labeling.label_config import IMAGE_A_FIELD, IMAGE_B_FIELD, PROMPT_FIELD
 
 PAIR_MANIFEST_NAME = "pairs.jsonl"
@@ -116,7 +116,7 @@ def read_pair_manifest(path: str | Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = split_lines(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
         raise PairManifestError(f"{path}: not UTF-8 text ({exc.reason})") from None
     for number, line in enumerate(lines, start=1):
@@ -155,15 +155,29 @@ def write_pair_manifest(path: str | Path, rows: Iterable[dict[str, Any]]) -> Pat
     return path
 
 
-def missing_images(pairs_dir: str | Path, rows: Sequence[dict[str, Any]]) -> list[str]:
-    """Relative image paths of the manifest that do not exist under `pairs_dir`."""
+def pair_image_paths(pairs_dir: str | Path, rows: Sequence[dict[str, Any]]) -> dict[str, Path]:
+    """Every image of the manifest rows: relative path -> file under `pairs_dir`.
+
+    A missing file is an error naming the row, the pair, the field and the path (and how
+    many more are missing), so a half-copied pairs directory is never pushed.
+    """
     base = Path(pairs_dir)
-    missing = []
-    for row in rows:
+    files: dict[str, Path] = {}
+    missing: list[str] = []
+    for number, row in enumerate(rows, start=1):
         for field in ("image_a", "image_b"):
-            if not (base / row[field]).is_file():
-                missing.append(row[field])
-    return missing
+            relative = row[field]
+            path = base / relative
+            if not path.is_file():
+                missing.append(
+                    f"row {number} (pair {row['pair_id']!r}): {field} {relative!r} not found "
+                    f"at {path}"
+                )
+            files[relative] = path
+    if missing:
+        more = f"; {len(missing) - 1} more images are missing" if len(missing) > 1 else ""
+        raise PairManifestError(f"{base / PAIR_MANIFEST_NAME}: {missing[0]}{more}")
+    return files
 
 
 def local_files_url(path: str | Path, document_root: str | Path) -> str:
@@ -183,10 +197,14 @@ def local_files_url(path: str | Path, document_root: str | Path) -> str:
     return LOCAL_FILES_PREFIX + quote(relative.as_posix(), safe="/")
 
 
+def s3_key(relative_path: str, prefix: str = "") -> str:
+    """The object key of a pairs directory's file under `prefix` (no leading or double '/')."""
+    return "/".join(part.strip("/") for part in (prefix, relative_path) if part.strip("/"))
+
+
 def s3_url(relative_path: str, bucket: str, prefix: str = "") -> str:
     """`s3://bucket/prefix/relative_path`: Label Studio presigns it through an S3 storage."""
-    key = "/".join(part.strip("/") for part in (prefix, relative_path) if part.strip("/"))
-    return f"s3://{bucket}/{key}"
+    return f"s3://{bucket}/{s3_key(relative_path, prefix)}"
 
 
 def url_to_relative_path(url: str) -> str:
