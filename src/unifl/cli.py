@@ -57,10 +57,10 @@ def load(params: Path, preset: str | None, overrides: list[str] | None) -> Param
 def config_show(
     params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = None, set_: SetOpt = None
 ) -> None:
-    """Print the resolved configuration."""
-    from unifl.config import params_to_yaml
+    """Print the resolved configuration (credentials in URLs shown as ***)."""
+    from unifl.tracking.redaction import safe_params_yaml
 
-    typer.echo(params_to_yaml(load(params, preset, set_)))
+    typer.echo(safe_params_yaml(load(params, preset, set_)))
 
 
 @config_app.command("describe")
@@ -286,6 +286,11 @@ def labeling_push(
         state = "created"
     else:
         state = "config updated" if report.config_updated else "unchanged"
+    if labeling.storage == "s3":
+        typer.echo(
+            f"images in s3://{labeling.s3_bucket}/{labeling.s3_prefix.strip('/')}: uploaded "
+            f"{report.images_uploaded}, {report.images_already_present} already present"
+        )
     typer.echo(
         f"project {report.project_id} ({state}) at {client.url}: imported {report.tasks_imported} "
         f"tasks, {report.tasks_already_present} already present"
@@ -347,21 +352,23 @@ def cluster_check(
 ) -> None:
     """Check the ConfigMap/Secret-provided settings of this pod; name every missing key."""
     from unifl.cluster.settings import ClusterSettingsError, load_cluster_settings
+    from unifl.tracking.redaction import redact_url_credentials as shown
 
     try:
         settings = load_cluster_settings(needs=needs or ["mlflow"])
     except (ClusterSettingsError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {shown(str(exc))}", err=True)
         raise typer.Exit(2) from None
     if settings.mlflow:
-        typer.echo(f"mlflow: tracking URI {settings.mlflow.tracking_uri}")
+        typer.echo(f"mlflow: tracking URI {shown(settings.mlflow.tracking_uri)}")
     if settings.s3:
         typer.echo(
-            f"s3: endpoint {settings.s3.endpoint_url}, buckets {settings.s3.mlflow_artifacts_bucket}"
-            f" and {settings.s3.task_images_bucket}, credentials set"
+            f"s3: endpoint {shown(settings.s3.endpoint_url)}, buckets "
+            f"{settings.s3.mlflow_artifacts_bucket} and {settings.s3.task_images_bucket}, "
+            "credentials set"
         )
     if settings.labeling:
-        typer.echo(f"labeling: Label Studio at {settings.labeling.url}, token set")
+        typer.echo(f"labeling: Label Studio at {shown(settings.labeling.url)}, token set")
     if settings.training:
         training = settings.training
         selector = ",".join(f"{k}={v}" for k, v in training.gpu_node_selector.items())

@@ -210,6 +210,44 @@ def test_no_secret_reaches_the_yaml_and_secrets_come_from_kubernetes(
     assert "unifl-label-studio-token" in names
     # CPU data steps get no Label Studio token.
     assert "secretAsEnv" not in train_platform["exec-bootstrap-toy"]
+    # The push uploads the pair images (labeling.storage s3) and the pull may push the labels
+    # to an s3:// DVC remote: both get the S3 keys, optional as for the other data steps.
+    s3_keys = [
+        {"envVar": "AWS_ACCESS_KEY_ID", "secretKey": "AWS_ACCESS_KEY_ID"},
+        {"envVar": "AWS_SECRET_ACCESS_KEY", "secretKey": "AWS_SECRET_ACCESS_KEY"},
+    ]
+    for executor in (platform["exec-push-to-label-studio"], train_platform["exec-pull-labels"]):
+        (s3,) = [s for s in executor["secretAsEnv"] if s["secretName"] == "unifl-s3-credentials"]
+        assert s3["optional"] is True
+        assert sorted(s3["keyToEnv"], key=lambda pair: pair["envVar"]) == s3_keys
+
+
+def test_url_credentials_of_the_configuration_never_reach_the_yaml(tmp_path: Path) -> None:
+    secret = "S3cret-compile-7731"
+    params = load_params(
+        REPO / "params.yaml",
+        overrides=[
+            f"tracking.tracking_uri=https://alice:{secret}@mlflow.example.com",
+            f"pipeline.dvc_remote=https://bob:{secret}@dvc.example.com/store",
+            f"labeling.url=https://carol:{secret}@labels.example.com",
+        ],
+    )
+    for path in compile_pipelines(params, tmp_path):
+        text = path.read_text(encoding="utf-8")
+        assert secret not in text, path.name
+        spec, _ = documents(text)
+        parameters = spec["root"]["inputDefinitions"]["parameters"]
+        baked = params_from_yaml(parameters["params_yaml"]["defaultValue"])
+        assert baked.tracking.tracking_uri == "https://alice:***@mlflow.example.com"
+        assert baked.labeling.url == "https://carol:***@labels.example.com"
+        assert (
+            "https://alice:***@mlflow.example.com"
+            in parameters["mlflow_tracking_uri"]["description"]
+        )
+        if "dvc_remote" in parameters:
+            assert parameters["dvc_remote"]["defaultValue"] == (
+                "https://bob:***@dvc.example.com/store"
+            )
 
 
 def test_every_secret_the_pipelines_mount_has_a_template(compiled: dict[str, str]) -> None:
@@ -405,3 +443,13 @@ def test_submit_uploads_a_pipeline_then_versions_and_starts_runs() -> None:
     assert again.calls[-1][1]["version_id"] == "v-2"
     with pytest.raises(ConfigError, match="run parameter 'pefl_steps': expected name=value"):
         parse_arguments(["pefl_steps"])
+
+    # A URL with credentials given as a run parameter is sent without them.
+    third = RecordingKfpClient(existing_pipeline="p-1")
+    uri = "mlflow_tracking_uri=https://alice:S3cret-run-2210@mlflow.example.com"
+    submit_pipeline(
+        params, "http://kfp.example", "train", arguments=parse_arguments([uri]), client=third
+    )
+    assert third.calls[-1][1]["params"] == {
+        "mlflow_tracking_uri": "https://alice:***@mlflow.example.com"
+    }

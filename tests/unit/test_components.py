@@ -365,6 +365,42 @@ def test_resolve_config_names_a_bad_parameter_before_tracking(ws: Workspace, res
     assert len(client.search_runs([experiment.experiment_id])) == before
 
 
+def test_resolve_config_hands_on_no_url_credentials(ws: Workspace, tmp_path: Path) -> None:
+    from unifl.orchestration.artifacts import ArtifactError, dvc_track
+    from unifl.orchestration.parameters import params_from_yaml
+
+    secret = "S3cret-pw-4821"
+    params = ws.params.model_copy(deep=True)
+    params.pipeline.dvc_remote = f"https://bob:{secret}@dvc.example.com/store"
+    params.labeling.url = f"https://bob:{secret}@labels.example.com"
+    kwargs = resolve_kwargs(ws, pipeline_run_id="url-credentials")
+    kwargs["params_yaml"] = params_to_yaml(params)
+    kwargs["config"] = dsl.Artifact(name="config", uri=str(tmp_path / "config.yaml"))
+    resolved = func("resolve_config")(**kwargs)
+
+    client = ws.client()
+    logged = client.download_artifacts(resolved.parent_run_id, "config/params.yaml", str(tmp_path))
+    texts = {
+        "params_yaml output": resolved.params_yaml,
+        "data_params_yaml output": resolved.data_params_yaml,
+        "config artifact": (tmp_path / "config.yaml").read_text(),
+        "MLflow config/params.yaml": Path(logged).read_text(),
+        "MLflow params": json.dumps(client.get_run(resolved.parent_run_id).data.params),
+    }
+    for where, text in texts.items():
+        assert secret not in text, where
+        assert "bob:***@" in text, where
+    handed_on = params_from_yaml(resolved.params_yaml)
+    assert handed_on.pipeline.dvc_remote == "https://bob:***@dvc.example.com/store"
+    # A later step cannot log in with a redacted URL, and says so.
+    with pytest.raises(ArtifactError, match="credentials in the URL are not handed from step"):
+        dvc_track(tmp_path / "config.yaml", handed_on.pipeline.dvc_remote)
+    from unifl.labeling.client import LabelStudioClient, LabelStudioClientError
+
+    with pytest.raises(LabelStudioClientError, match="give the URL without them"):
+        LabelStudioClient.from_config(handed_on.labeling)
+
+
 def test_bootstrap_toy_passes_on_the_toy_world(boot: dict[str, Any]) -> None:
     base = Path(boot["base_model"].path)
     assert (base / "model_index.json").is_file()
@@ -421,6 +457,40 @@ def test_label_preferences_and_the_same_from_its_export(ws, resolved, pairs, lab
     converted = pd.read_parquet(Path(again["labels"].path) / "pairs.parquet")
     pd.testing.assert_frame_equal(table, converted)
     assert again["labels"].metadata["export_id"] == labels["labels"].metadata["export_id"]
+
+
+def test_label_preferences_names_an_export_it_cannot_use(ws: Workspace, tmp_path: Path) -> None:
+    from unifl.labeling.pipeline import LabelingError
+    from unifl.orchestration.parameters import data_params_yaml
+    from unifl.orchestration.steps import StepError
+
+    def run(export: Path) -> Any:
+        return func("label_preferences")(
+            params_yaml=data_params_yaml(ws.params),
+            pairs=dsl.Dataset(name="pairs", uri=str(tmp_path / "pairs")),
+            labels_export=str(export),
+            dvc_remote="",
+            labels=dsl.Dataset(name="labels", uri=str(tmp_path / "labels")),
+            metrics=dsl.Metrics(name="metrics", uri=str(tmp_path / "metrics")),
+            report=dsl.Markdown(name="report", uri=str(tmp_path / "report.md")),
+        )
+
+    latin1 = tmp_path / "export-latin1.json"
+    latin1.write_bytes(
+        '[{"id": 1, "data": {"prompt": "un caf\u00e9"}, "annotations": []}]'.encode("latin-1")
+    )
+    with pytest.raises(StepError) as info:
+        run(latin1)
+    assert str(info.value).startswith(
+        f"pipeline parameter 'labels_export': {latin1}: not UTF-8 text (invalid"
+    )
+    with pytest.raises(StepError, match=r"'labels_export': .*nowhere.json: export file not found"):
+        run(tmp_path / "nowhere.json")
+    unannotated = tmp_path / "export-unannotated.json"
+    unannotated.write_text(json.dumps([{"id": 1, "data": {}, "annotations": []}]))
+    with pytest.raises(LabelingError, match=f"export {unannotated}: 0 annotated tasks of 1 "):
+        run(unannotated)
+    assert not (tmp_path / "labels").exists()
 
 
 def test_log_data_lineage_records_data_steps_in_the_run(

@@ -27,10 +27,18 @@ from unifl.tracking.redaction import (
     is_secret_key,
     redact_url_credentials,
     safe_params,
+    safe_params_yaml,
 )
-from unifl.tracking.runs import TrackingError, check_tracking_server, configure_http
+from unifl.tracking.runs import (
+    TrackingError,
+    check_tracking_server,
+    client_tracking_uri,
+    configure_http,
+    tracking_errors,
+)
 
 TOKEN = "ls-9f8e7d6c5b4a39281706"
+URL_PASSWORD = "S3cret-url-pw-5930"
 
 
 def test_flatten_params_covers_every_section() -> None:
@@ -127,6 +135,104 @@ def test_credentials_in_an_unreachable_uri_are_not_shown() -> None:
     with pytest.raises(TrackingError) as error:
         check_tracking_server(uri, timeout_s=2)
     assert "pa55word" not in str(error.value) and "user:***@" in str(error.value)
+
+
+def test_mlflow_errors_lose_the_credentials_of_the_request_url(monkeypatch) -> None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    uri = f"http://alice:{URL_PASSWORD}@127.0.0.1:{_closed_port()}"
+    client = MlflowClient(tracking_uri=uri)
+    with pytest.raises(MlflowException) as raw:
+        client.get_experiment_by_name("any")
+    assert URL_PASSWORD in str(raw.value)  # MLflow names the request URL as it was given
+    with pytest.raises(TrackingError) as error, tracking_errors(uri):
+        client.get_experiment_by_name("any")
+    assert "stopped answering" in str(error.value) and "alice:***@127.0.0.1" in str(error.value)
+    assert URL_PASSWORD not in str(error.value)
+    # Other MLflow errors keep their type and code, without the credentials.
+    with pytest.raises(MlflowException) as other, tracking_errors(uri):
+        raise MlflowException(f"{uri}/api/2.0/mlflow/runs/get: no such run", error_code=1)
+    assert URL_PASSWORD not in str(other.value) and "alice:***@" in other.value.message
+
+
+def test_a_redacted_tracking_uri_logs_in_with_the_environment() -> None:
+    redacted = "https://alice:***@mlflow.example.com/base"
+    with pytest.raises(TrackingError) as error:
+        client_tracking_uri(redacted, environ={"MLFLOW_TRACKING_USERNAME": "alice"})
+    message = str(error.value)
+    assert message.startswith(f"tracking URI {redacted}: credentials in the URL are not handed")
+    assert "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in message
+    assert "unifl-mlflow-credentials Secret" in message
+    assert message.endswith("not set: MLFLOW_TRACKING_PASSWORD")
+    login = {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": URL_PASSWORD}
+    assert client_tracking_uri(redacted, login) == "https://mlflow.example.com/base"
+    given = f"https://alice:{URL_PASSWORD}@mlflow.example.com"
+    assert client_tracking_uri(given, {}) == given
+    assert client_tracking_uri("sqlite:///runs/mlflow.db", {}) == "sqlite:///runs/mlflow.db"
+
+
+def test_a_local_run_hands_the_url_login_to_its_steps_as_environment() -> None:
+    from unifl.orchestration.local import tracking_credentials_env
+
+    assert tracking_credentials_env("https://alice:p%40ss-w0rd@mlflow.example.com") == {
+        "MLFLOW_TRACKING_USERNAME": "alice",
+        "MLFLOW_TRACKING_PASSWORD": "p@ss-w0rd",
+    }
+    assert tracking_credentials_env("https://mlflow.example.com") == {}
+    assert tracking_credentials_env("sqlite:///runs/local/mlflow.db") == {}
+
+
+def test_configuration_text_has_no_url_credentials() -> None:
+    params = load_params(
+        None,
+        overrides=[
+            f"tracking.tracking_uri=https://alice:{URL_PASSWORD}@mlflow.example.com",
+            f"pipeline.dvc_remote=s3://key:{URL_PASSWORD}@bucket/dvc",
+        ],
+    )
+    text = safe_params_yaml(params)
+    assert URL_PASSWORD not in text
+    assert "tracking_uri: https://alice:***@mlflow.example.com" in text
+    assert "dvc_remote: s3://key:***@bucket/dvc" in text
+    import yaml
+
+    section = yaml.safe_load(safe_params_yaml(params, ["pipeline"]))
+    assert list(section) == ["pipeline"]
+    assert section["pipeline"]["dvc_remote"] == "s3://key:***@bucket/dvc"
+
+
+def test_cli_shows_no_url_credentials(tmp_path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from unifl.cli import app
+
+    (tmp_path / "params.yaml").write_text("{}\n")
+    runner = CliRunner()
+    shown = runner.invoke(
+        app,
+        [
+            "config",
+            "show",
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--set",
+            f"tracking.tracking_uri=https://alice:{URL_PASSWORD}@mlflow.example.com",
+        ],
+    )
+    assert shown.exit_code == 0, shown.output
+    assert "tracking_uri: https://alice:***@mlflow.example.com" in shown.output
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"https://alice:{URL_PASSWORD}@mlflow.example.com")
+    checked = runner.invoke(app, ["cluster", "check", "--needs", "mlflow"])
+    assert checked.exit_code == 0, checked.output
+    assert "mlflow: tracking URI https://alice:***@mlflow.example.com" in checked.output
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"ftp://alice:{URL_PASSWORD}@mlflow.example.com")
+    refused = runner.invoke(app, ["cluster", "check", "--needs", "mlflow"])
+    assert refused.exit_code == 2 and "MLFLOW_TRACKING_URI" in refused.output
+    for result in (shown, checked, refused):
+        assert URL_PASSWORD not in result.output
 
 
 def test_file_store_needs_the_explicit_switch(monkeypatch, tmp_path) -> None:

@@ -151,6 +151,14 @@ class LabelStudioClient:
             raise LabelStudioClientError(
                 "labeling.url is not set: no Label Studio server configured"
             )
+        from unifl.tracking.redaction import has_redacted_password
+
+        if has_redacted_password(labeling.url):
+            raise LabelStudioClientError(
+                f"labeling.url {labeling.url}: credentials in the URL are not handed from step "
+                f"to step; give the URL without them (the API token comes from "
+                f"{labeling.token_env})"
+            )
         token = resolve_token(labeling.token_env, labeling.token_file)
         return cls(labeling.url, token, timeout=labeling.request_timeout)
 

@@ -99,13 +99,23 @@ def dvc_track(path: str | Path, remote: str | None = None) -> DvcRecord:
     The scratch repository lives in a temporary directory and holds hard links (or copies)
     of the files, so the artifact itself is left alone. A remote is a URL DVC understands
     (a directory, s3://... with dvc-s3 installed); its credentials come from the usual
-    environment (AWS_* from the Secret), never from the configuration.
+    environment (AWS_* from the Secret), never from the configuration: a remote URL whose
+    password was redacted (the configuration a step receives) is refused. The record names
+    the remote without credentials.
     """
     from dvc.repo import Repo
+
+    from unifl.tracking.redaction import has_redacted_password, redact_url_credentials
 
     source = Path(path)
     if not source.exists():
         raise ArtifactError(f"{source}: nothing to version")
+    if remote and has_redacted_password(remote):
+        raise ArtifactError(
+            f"DVC remote {remote}: credentials in the URL are not handed from step to step; "
+            "use a remote whose credentials come from the environment (s3:// with "
+            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, the unifl-s3-credentials Secret)"
+        )
     with tempfile.TemporaryDirectory(prefix="unifl-dvc-") as tmp:
         root = Path(tmp)
         repo = Repo.init(str(root), no_scm=True)
@@ -125,7 +135,7 @@ def dvc_track(path: str | Path, remote: str | None = None) -> DvcRecord:
                 md5=str(out.hash_info.value),
                 nfiles=int(out.meta.nfiles or (0 if source.is_dir() else 1)),
                 size=int(out.meta.size or 0),
-                remote=remote or None,
+                remote=redact_url_credentials(remote) if remote else None,
             )
         finally:
             repo.close()

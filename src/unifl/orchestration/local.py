@@ -36,13 +36,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from unifl.config import ConfigError, Params, TrackingConfig, params_to_yaml
+from unifl.config import ConfigError, Params, TrackingConfig
 from unifl.orchestration.parameters import (
     PIPELINE_NAMES,
     PIPELINE_PARAMETERS,
     resolve_run_parameters,
 )
 from unifl.orchestration.summary import RunSummary, summarize_run
+from unifl.tracking.redaction import redact_url_credentials, safe_params_yaml
 
 SUBPROCESS_ENV: dict[str, str] = {
     # Spin-waiting OpenMP threads make a busy 2-core machine 10-20x slower.
@@ -161,6 +162,23 @@ def prepare_tracking(params: Params, layout: LocalLayout) -> None:
                 client.create_experiment(
                     params.tracking.experiment, artifact_location=layout.artifacts.as_uri()
                 )
+
+
+def tracking_credentials_env(tracking_uri: str) -> dict[str, str]:
+    """The login of a tracking URI with credentials, as MLflow's environment variables.
+
+    The steps get the configuration with URL credentials redacted (it lands in logs and
+    artifacts); locally they run as subprocesses of this one and find the login here.
+    """
+    from urllib.parse import unquote, urlsplit
+
+    from unifl.tracking.runs import TRACKING_CREDENTIAL_ENV
+
+    parts = urlsplit(tracking_uri)
+    if parts.username is None or parts.password is None:
+        return {}
+    username, password = TRACKING_CREDENTIAL_ENV
+    return {username: unquote(parts.username), password: unquote(parts.password)}
 
 
 def _task_names(pipeline: Any) -> tuple[dict[str, str], int]:
@@ -329,7 +347,8 @@ def run_local(
             "Studio; start one (`unifl labeling serve`) and pass --set labeling.url=URL "
             "--set labeling.token_file=FILE"
         )
-    params_yaml = params_to_yaml(params)
+    # The steps' inputs are written to the pipeline root and the log: no URL credentials.
+    params_yaml = safe_params_yaml(params)
     # What the first step will do, done here too: a bad value stops the run before any work.
     resolve_run_parameters(params_yaml, [], {}, label_studio_from_env=pipeline != "full")
     prepare_tracking(params, layout)
@@ -339,6 +358,10 @@ def run_local(
         parameter.name: parameter.default(params)
         for parameter in PIPELINE_PARAMETERS
         if pipeline in parameter.pipelines
+    }
+    arguments = {
+        name: redact_url_credentials(value) if isinstance(value, str) else value
+        for name, value in arguments.items()
     }
     arguments.update(params_yaml=params_yaml, pipeline_run_id=run_id)
     if pipeline != "train":
@@ -362,8 +385,9 @@ def run_local(
     log_file = layout.log_file(run_id)
     started = time.perf_counter()
     error: BaseException | None = None
+    environment = {**SUBPROCESS_ENV, **tracking_credentials_env(params.tracking.tracking_uri)}
     with (
-        _environment(SUBPROCESS_ENV),
+        _environment(environment),
         _absent_optional_inputs_left_out(),
         _captured(log_file, total, names, progress) as stream,
     ):
@@ -382,9 +406,8 @@ def run_local(
             f"{PIPELINE_IDS[pipeline]} failed in {failed} after {seconds:.0f} s "
             f"(pipeline run id {run_id}); full log: {log_file}\n{tail}{reason}"
         )
-    return summarize_run(
-        PIPELINE_IDS[pipeline], run_id, run_dir, params.tracking.tracking_uri, seconds, log_file
-    )
+    shown_uri = redact_url_credentials(params.tracking.tracking_uri)
+    return summarize_run(PIPELINE_IDS[pipeline], run_id, run_dir, shown_uri, seconds, log_file)
 
 
 def _log_tail(log_file: Path, lines: int = 25) -> str:

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from unifl.config import ConfigError, Params, TrackingConfig, load_params, params_to_yaml
@@ -172,9 +171,13 @@ def params_from_yaml(text: str, source: str = "params_yaml") -> Params:
 
 
 def data_params_yaml(params: Params) -> str:
-    """Only the `DATA_SECTIONS` of `params`, as YAML: the data steps' cache key."""
-    data = params.model_dump(mode="json")
-    return yaml.safe_dump({name: data[name] for name in DATA_SECTIONS}, sort_keys=False)
+    """Only the `DATA_SECTIONS` of `params`, as YAML: the data steps' cache key.
+
+    URL credentials are redacted, as in every configuration text a step hands on.
+    """
+    from unifl.tracking.redaction import safe_params_yaml
+
+    return safe_params_yaml(params, DATA_SECTIONS)
 
 
 def _set(params: Params, key: str, value: Any, parameter: str) -> None:
@@ -281,13 +284,18 @@ edit of `params_yaml` in the UI is never silently undone by a parameter's defaul
 
 def parameter_defaults(params: Params, pipeline: str) -> dict[str, Any]:
     """Every run parameter of `pipeline` with its compiled default (None: from params_yaml)."""
+    from unifl.tracking.redaction import redact_url_credentials, safe_params_yaml
+
     if pipeline not in PIPELINE_NAMES:
         raise ConfigError(f"unknown pipeline {pipeline!r}; expected one of {PIPELINE_NAMES}")
-    defaults: dict[str, Any] = {"params_yaml": params_to_yaml(params), "overrides": []}
+    # Compiled defaults are readable by everyone who sees the pipeline: no URL credentials.
+    defaults: dict[str, Any] = {"params_yaml": safe_params_yaml(params), "overrides": []}
     for parameter in PIPELINE_PARAMETERS:
         if pipeline in parameter.pipelines:
-            concrete = parameter.name in CONCRETE_DEFAULTS
-            defaults[parameter.name] = parameter.default(params) if concrete else None
+            value = parameter.default(params) if parameter.name in CONCRETE_DEFAULTS else None
+            if isinstance(value, str):
+                value = redact_url_credentials(value)
+            defaults[parameter.name] = value
     defaults["gpu_node_selector"] = gpu_node_selector(params)
     defaults["gpu_tolerations"] = gpu_tolerations(params)
     return defaults
@@ -295,10 +303,12 @@ def parameter_defaults(params: Params, pipeline: str) -> dict[str, Any]:
 
 def parameter_description(parameter: PipelineParameter, params: Params) -> str:
     """The UI's description: what it sets, and the value it keeps when left empty."""
+    from unifl.tracking.redaction import redact_url_credentials
+
     if parameter.name in CONCRETE_DEFAULTS:
         return f"{parameter.description} Default: {parameter.key} of params_yaml."
     value = parameter.default(params)
-    shown = repr(value) if value != "" else "unset"
+    shown = redact_url_credentials(repr(value)) if value != "" else "unset"
     return f"{parameter.description} Empty: {parameter.key} of params_yaml ({shown})."
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unifl.config import ConfigError, Params, params_to_yaml
+from unifl.config import ConfigError, Params
 from unifl.orchestration.artifacts import (
     ArtifactError,
     copy_directory,
@@ -52,6 +52,7 @@ from unifl.orchestration.parameters import (
     params_from_yaml,
     resolve_run_parameters,
 )
+from unifl.tracking.redaction import safe_params_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +204,9 @@ def resolve_step(
     run_id = (pipeline_run_id or kfp_job_id).strip()
     if not run_id:
         raise ConfigError("pipeline parameter 'pipeline_run_id': empty and no KFP job id given")
-    resolved_yaml = params_to_yaml(params)
+    # What leaves this step (the config artifact, the outputs, the MLflow artifact) carries
+    # no URL credentials; the steps after it take them from the environment.
+    resolved_yaml = safe_params_yaml(params)
     if config_out is not None:
         from unifl.io import write_text
 
@@ -408,19 +411,16 @@ def label_step(
     of these pairs is converted (the tasks carry the images' paths relative to the pairs
     directory). No step ever waits for people.
     """
+    from unifl.labeling.export import ExportError, read_export
     from unifl.labeling.pipeline import label_pairs, write_labels
 
     params = as_params(params)
     if labels_export:
         path = Path(labels_export)
         try:
-            export = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise StepError(f"pipeline parameter 'labels_export': {path} not found") from None
-        except json.JSONDecodeError as exc:
-            raise StepError(f"labels export {path}: not valid JSON: {exc.msg}") from None
-        if not isinstance(export, list):
-            raise StepError(f"labels export {path}: expected a JSON list of tasks")
+            export = read_export(path)
+        except ExportError as exc:
+            raise StepError(f"pipeline parameter 'labels_export': {exc}") from None
         write_labels(
             export, out_dir, params.labeling.min_annotators, source=f"label studio export {path}"
         )
@@ -438,7 +438,9 @@ def label_step(
 def push_step(params: Params | str, pairs_dir: str | Path, parent_run_id: str = "") -> StepResult:
     """Create or update the Label Studio project and import the pairs as tasks (idempotent).
 
-    The token comes from the environment (the Kubernetes Secret), never from parameters.
+    With `labeling.storage: s3` the pair images are uploaded to the bucket first (what is
+    already there is skipped). The token and the S3 keys come from the environment (the
+    Kubernetes Secrets), never from parameters.
     Annotators then work for days; the train pipeline pulls their labels later.
     """
     from unifl.labeling.client import LabelStudioClient
@@ -452,6 +454,9 @@ def push_step(params: Params | str, pairs_dir: str | Path, parent_run_id: str = 
             "tasks_imported": float(report.tasks_imported),
             "tasks_already_present": float(report.tasks_already_present),
         }
+        if params.labeling.storage == "s3":
+            metrics["images_uploaded"] = float(report.images_uploaded)
+            metrics["images_already_present"] = float(report.images_already_present)
         if run is not None:
             run.log_metrics(metrics)
             run.log_lineage(label_studio_project_id=report.project_id)

@@ -74,9 +74,12 @@ def submit_pipeline(
 
     `arguments` are run parameters by name (e.g. `{"pefl_steps": 500}`); the rest keep the
     defaults compiled from `params`. `client` is a `kfp.Client` (made from `host` if None).
+    Run parameters are visible to everyone who sees the run: credentials in a URL are sent
+    as ``***`` (the steps log in with the Secrets' credentials), as in the compiled defaults.
     """
     from unifl.pipelines.compile import compile_pipeline
     from unifl.pipelines.unifl_pipelines import PIPELINE_IDS
+    from unifl.tracking.redaction import redact_url_credentials
 
     if pipeline not in PIPELINE_IDS:
         raise SubmitError(f"unknown pipeline {pipeline!r}; expected one of {sorted(PIPELINE_IDS)}")
@@ -105,7 +108,10 @@ def submit_pipeline(
                 job_name=run_name or f"{name}-{stamp}",
                 pipeline_id=pipeline_id,
                 version_id=version_id,
-                params=dict(arguments or {}),
+                params={
+                    name: redact_url_credentials(value) if isinstance(value, str) else value
+                    for name, value in (arguments or {}).items()
+                },
             )
         except SubmitError:
             raise

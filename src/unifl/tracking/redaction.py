@@ -10,6 +10,13 @@ Three checks, applied to every key/value pair before it is logged:
 * a URL with embedded credentials keeps its host but loses the password.
 
 Dropped keys are reported by name only, never with their value.
+
+The same URL redaction applies to everything else that leaves the process as text: the
+resolved configuration (`safe_params_yaml`: the run's `config/params.yaml` artifact, the
+pipelines' `params_yaml` outputs and compiled defaults, `unifl config show`), log lines and
+error messages that name a URI. A redacted URL keeps the user name and shows the password
+as ``***``; a step that receives one takes the credentials from the environment instead
+(`unifl.tracking.runs.client_tracking_uri`).
 """
 
 from __future__ import annotations
@@ -18,10 +25,13 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from unifl.config import Params
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +79,42 @@ def secret_environment_values(environ: Mapping[str, str] | None = None) -> set[s
 
 
 def redact_url_credentials(text: str) -> str:
-    """``scheme://user:password@host`` -> ``scheme://user:***@host``."""
+    """``scheme://user:password@host`` -> ``scheme://user:***@host``, wherever in `text`."""
     return _URL_CREDENTIALS.sub(lambda m: f"{m.group('head')}{REDACTED}@", text)
+
+
+def has_redacted_password(url: str) -> bool:
+    """Whether `url` is a URL whose password was redacted (``user:***@``)."""
+    head = url.split("://", 1)
+    return len(head) == 2 and f":{REDACTED}@" in head[1].split("/", 1)[0]
+
+
+def without_url_credentials(url: str) -> str:
+    """``scheme://user:password@host/path`` -> ``scheme://host/path``."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def safe_params_yaml(params: Params, sections: Sequence[str] | None = None) -> str:
+    """The configuration (or only its `sections`) as YAML text with URL credentials redacted.
+
+    What every exported or logged copy of the configuration is made of. `params_to_yaml`
+    stays the lossless form for in-process round trips.
+    """
+    import yaml
+
+    from unifl.config import params_to_yaml
+
+    if sections is None:
+        text = params_to_yaml(params)
+    else:
+        data = params.model_dump(mode="json")
+        text = yaml.safe_dump({name: data[name] for name in sections}, sort_keys=False)
+    return redact_url_credentials(text)
 
 
 def looks_secret(value: str, known_secrets: set[str] | None = None) -> bool:

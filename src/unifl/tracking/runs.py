@@ -29,7 +29,13 @@ from urllib.parse import urlparse
 
 from unifl.config import Params, TrackingConfig
 from unifl.tracking.lineage import git_commit, git_is_dirty, lineage_tags
-from unifl.tracking.redaction import filter_secrets, redact_url_credentials, safe_params
+from unifl.tracking.redaction import (
+    filter_secrets,
+    has_redacted_password,
+    redact_url_credentials,
+    safe_params,
+    without_url_credentials,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -50,6 +56,11 @@ _MLFLOW_RUN_NAME_TAG = "mlflow.runName"
 _MLFLOW_USER_TAG = "mlflow.user"
 _MLFLOW_SOURCE_TAG = "mlflow.source.name"
 
+TRACKING_CREDENTIAL_ENV: tuple[str, str] = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+"""Where MLflow reads the login of an authenticating server (the unifl-mlflow-credentials
+Secret on a cluster)."""
+TRACKING_CREDENTIALS_SECRET = "unifl-mlflow-credentials"
+
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.:/@+-]{1,200}$")
 _BATCH = 100  # MLflow accepts at most 100 params or tags per log_batch call
 
@@ -65,11 +76,36 @@ def configure_http(tracking: TrackingConfig) -> None:
     """Short MLflow HTTP timeouts and retries, unless the environment already sets them.
 
     MLflow's defaults (7 retries with exponential backoff, 120 s per request) turn a wrong
-    URI into minutes of silence; a pipeline should rather fail at once and say why.
+    URI into minutes of silence; a pipeline should rather fail at once and say why. For a
+    URI with credentials MLflow also stops printing run URLs, which would show them.
     """
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(tracking.http_max_retries))
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(tracking.http_timeout_s))
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    if urlparse(tracking.tracking_uri).password is not None:
+        # MLflow prints "View run at <tracking URI>/..." when a run ends, credentials included.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+def client_tracking_uri(uri: str, environ: Mapping[str, str] | None = None) -> str:
+    """The URI the MLflow client connects to for the configured `uri`.
+
+    The configuration a pipeline step receives has URL credentials redacted
+    (``https://user:***@host``): such a URI cannot log in, so the step takes the login from
+    `TRACKING_CREDENTIAL_ENV` and connects to the URI without user info. Anything else is
+    returned as it is.
+    """
+    if not has_redacted_password(uri):
+        return uri
+    environ = os.environ if environ is None else environ
+    missing = [name for name in TRACKING_CREDENTIAL_ENV if not environ.get(name)]
+    if missing:
+        raise TrackingError(
+            f"tracking URI {uri}: credentials in the URL are not handed from step to step; "
+            f"set {' and '.join(TRACKING_CREDENTIAL_ENV)} (on a cluster: the "
+            f"{TRACKING_CREDENTIALS_SECRET} Secret); not set: {', '.join(missing)}"
+        )
+    return without_url_credentials(uri)
 
 
 def _is_http(uri: str) -> bool:
@@ -125,12 +161,16 @@ def tracking_errors(uri: str) -> Iterator[None]:
     try:
         yield
     except MlflowException as exc:
-        text = str(exc)
+        # MLflow's messages carry the request URL, credentials included.
+        text = redact_url_credentials(str(exc))
         if "failed with exception" in text or "Max retries exceeded" in text:
             raise TrackingError(
                 f"MLflow tracking server {redact_url_credentials(uri)} stopped answering: "
                 f"{text.splitlines()[0][:300]}"
             ) from None
+        if text != str(exc):
+            exc.message = text
+            exc.args = (text,)
         raise
 
 
@@ -139,8 +179,9 @@ def connect(tracking: TrackingConfig) -> MlflowClient:
     from mlflow import MlflowClient
 
     configure_http(tracking)
-    check_tracking_server(tracking.tracking_uri, timeout_s=tracking.http_timeout_s)
-    return MlflowClient(tracking_uri=tracking.tracking_uri, registry_uri=tracking.tracking_uri)
+    uri = client_tracking_uri(tracking.tracking_uri)
+    check_tracking_server(uri, timeout_s=tracking.http_timeout_s)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
@@ -259,7 +300,12 @@ def start_pipeline_run(
             client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         _set_tags(client, run_id, {**_context_tags(), **dict(tags or {})})
         _log_params(client, run_id, safe_params(params))
-    logger.info("MLflow pipeline run %s (pipeline run id %s) on %s", run_id, pipeline_run_id, uri)
+    logger.info(
+        "MLflow pipeline run %s (pipeline run id %s) on %s",
+        run_id,
+        pipeline_run_id,
+        redact_url_credentials(uri),
+    )
     return run_id
 
 
@@ -408,7 +454,7 @@ def attach_run(params: Params, run_id: str) -> StageRun:
     """
     _check_id("run id", run_id)
     client = connect(params.tracking)
-    uri = params.tracking.tracking_uri
+    uri = client_tracking_uri(params.tracking.tracking_uri)
     with tracking_errors(uri):
         try:
             run = client.get_run(run_id)
@@ -468,7 +514,7 @@ def stage_run(
     import mlflow
 
     tracking = params.tracking
-    uri = tracking.tracking_uri
+    uri = client_tracking_uri(tracking.tracking_uri)
     _check_id("stage name", name)
     if parent_run_id is not None:
         _check_id("parent run id", parent_run_id)
