@@ -25,7 +25,12 @@ from typer.testing import CliRunner
 from unifl.config import Params, load_params
 from unifl.tracking.lineage import lineage_tags
 from unifl.tracking.promotion import GatePolicy, PromotionError, promote, promote_from_params
-from unifl.tracking.registry import ALIASES, register_model_version, version_by_alias
+from unifl.tracking.registry import (
+    ALIASES,
+    EVALUATION_RUN_TAG,
+    register_model_version,
+    version_by_alias,
+)
 from unifl.tracking.runs import (
     TrackingError,
     attach_run,
@@ -275,6 +280,7 @@ def test_promotion_lifecycle_with_legacy_stages(server: MlflowServer, monkeypatc
     assert old.current_stage == "Archived" and new.current_stage == "Production"
     assert new.tags["unifl.stage"] == "production"
     assert new.tags["unifl.gate.production.verdict"] == "pass"
+    assert new.tags["unifl.gate.production.by"] == "release-manager"
     assert '"ci_low"' in new.tags["unifl.gate.production.champion.reward_color"]
     assert f'"champion_version": "{v1}"' in new.tags["unifl.gate.production.inputs"]
 
@@ -314,6 +320,11 @@ def test_promotion_lifecycle_with_legacy_stages(server: MlflowServer, monkeypatc
     assert [g.detail for g in blind.failed_gates] == [
         "candidate has no per-prompt table (evaluation/per_prompt.csv)"
     ]
+    # A policy without a single gate checks nothing, so it promotes nothing.
+    ungated = promote(client, name, v4, GatePolicy(compare_to_champion=False))
+    assert not ungated.promoted
+    assert [g.name for g in ungated.failed_gates] == ["policy"]
+    assert "no promotion gates configured" in ungated.failed_gates[0].detail
 
 
 def gate_policy(params: Params) -> GatePolicy:
@@ -332,6 +343,8 @@ def test_promote_command(server: MlflowServer, tmp_path: Path) -> None:
         "--set", f"tracking.tracking_uri={server.url}",
         "--set", f"tracking.registered_model={params.tracking.registered_model}",
         "--set", "promotion.thresholds={clip: 0.25}",
+        # The evaluations here log `clip` alone, not the policy file's champion metrics.
+        "--set", "promotion.compare_to_champion=false",
         "--set", "promotion.bootstrap_samples=100",
     ]  # fmt: skip
     (tmp_path / "none.yaml").write_text("{}\n")
@@ -350,6 +363,15 @@ def test_promote_command(server: MlflowServer, tmp_path: Path) -> None:
     assert result.exit_code == 0 and "promoted to staging (override)" in result.output
     result = runner.invoke(app, ["promote", "--version", "99", *common])
     assert result.exit_code == 2 and "has no version 99" in result.output
+    result = runner.invoke(app, ["promote", "--version", "abc", *common])
+    assert result.exit_code == 2 and "version 'abc'" in result.output
+    ghost = candidate_version(params, parent, "ghost", shift=0.0, seed=3)
+    client = connect(params.tracking)
+    name = params.tracking.registered_model
+    client.set_model_version_tag(name, ghost, EVALUATION_RUN_TAG, "0" * 32)
+    result = runner.invoke(app, ["promote", "--version", ghost, *common])
+    assert result.exit_code == 2
+    assert f"v{ghost}: its evaluation run {'0' * 32} cannot be read" in result.output
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{sock.getsockname()[1]}"

@@ -184,6 +184,12 @@ def test_evaluate_gates_combines_thresholds_and_champion(champion_values: np.nda
     # No champion yet: the comparison has nothing to compare with and passes, saying so.
     first = evaluate_gates(policy, {"clip": 0.35, "fid": 40.0}, candidate, None, False)
     assert first[-1].passed and "no champion" in first[-1].detail
+    # ... but only with the metric a later candidate is compared on when this one is champion.
+    empty = evaluate_gates(policy, {"clip": 0.35, "fid": 40.0}, None, None, False)
+    assert not empty[-1].passed
+    assert empty[-1].detail == "no champion yet, and no per-prompt column 'reward'"
+    unnamed = evaluate_gates(policy, {}, candidate.rename(columns={"reward": "x"}), None, False)
+    assert [g.passed for g in unnamed] == [False, False, False]
     # A champion without a per-prompt table cannot be compared with: fail.
     blind = evaluate_gates(policy, {"clip": 0.35, "fid": 40.0}, candidate, None, True)
     assert not blind[-1].passed and "champion has no per-prompt table" in blind[-1].detail

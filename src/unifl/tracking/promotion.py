@@ -344,14 +344,24 @@ def evaluate_gates(
     for metric, direction in sorted(policy.champion_metrics.items()):
         tolerance = float(policy.tolerance.get(metric, 0.0))
         if not has_champion:
+            # Nothing to compare with, but the version must bring what a later candidate is
+            # compared on when it is the champion: the metric and its per-prompt column.
+            value = summary(metric)
+            if candidate_table is None or metric not in candidate_table.columns:
+                passed, detail = False, f"no champion yet, and no per-prompt column {metric!r}"
+            elif value is None or not np.isfinite(value):
+                passed, detail = False, f"no champion yet, and {metric} is not a finite number"
+            else:
+                passed, detail = True, f"no champion yet: nothing to compare with ({value:.6g})"
             results.append(
                 GateResult(
                     f"champion.{metric}",
                     metric,
                     "champion",
-                    True,
+                    passed,
+                    value=value,
                     bound=-tolerance,
-                    detail="no champion yet: nothing to compare with",
+                    detail=detail,
                 )
             )
         elif candidate_table is None or champion_table is None:
@@ -434,7 +444,13 @@ def _evaluation_inputs(
     run_id = version.tags.get(EVALUATION_RUN_TAG) or version.run_id
     if not run_id:
         return None, {}, None
-    metrics = dict(client.get_run(run_id).data.metrics)
+    try:
+        metrics = dict(client.get_run(run_id).data.metrics)
+    except MlflowException as exc:
+        raise RegistryError(
+            f"{version.name} v{version.version}: its evaluation run {run_id} cannot be read "
+            f"({exc.message})"
+        ) from None
     with tempfile.TemporaryDirectory(prefix="unifl-gate-") as tmp:
         try:
             local = client.download_artifacts(run_id, policy.per_prompt_artifact, tmp)
@@ -494,6 +510,17 @@ def promote(
         _, _, champion_table = _evaluation_inputs(client, champion, policy)
     run_id, metrics, candidate_table = _evaluation_inputs(client, model_version, policy)
     gates = evaluate_gates(policy, metrics, candidate_table, champion_table, champion is not None)
+    if not gates:
+        gates.append(
+            GateResult(
+                "policy",
+                "",
+                "input",
+                False,
+                detail="no promotion gates configured (no policy file found and none in "
+                "params.yaml's promotion section): nothing to check the version against",
+            )
+        )
     if run_id is None:
         gates.append(
             GateResult("evaluation_run", "", "input", False, detail="version has no evaluation run")
@@ -517,6 +544,7 @@ def promote(
     tags: dict[str, Any] = {
         f"{prefix}verdict": "pass" if passed else "fail",
         f"{prefix}checked_at": now_iso(),
+        f"{prefix}by": override_by or _who(),
         f"{prefix}inputs": json.dumps(
             {
                 "evaluation_run_id": run_id,

@@ -55,7 +55,9 @@ def get_version(client: MlflowClient, name: str, version: str | int) -> ModelVer
     except MlflowException as exc:
         if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code) or "not found" in str(exc).lower():
             raise RegistryError(f"registered model {name!r} has no version {version}") from None
-        raise
+        raise RegistryError(
+            f"registered model {name!r} version {version!r}: {exc.message}"
+        ) from None
 
 
 def version_by_alias(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
