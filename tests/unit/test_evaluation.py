@@ -348,7 +348,7 @@ def test_throughput_counts_every_image_and_excludes_warm_up(toy_world, monkeypat
     assert result.images_per_second == pytest.approx(3 / result.seconds)
 
 
-def test_evaluate_model_end_to_end_on_a_random_toy_model(toy_world, tmp_path) -> None:
+def test_evaluate_model_end_to_end_on_a_random_toy_model(toy_world, tmp_path, caplog) -> None:
     from unifl.toy.caption_match import caption_match, predicted_masks
     from unifl.toy.oracle import oracle_scores
 
@@ -382,6 +382,13 @@ def test_evaluate_model_end_to_end_on_a_random_toy_model(toy_world, tmp_path) ->
         assert result.summary[metric_name("frechet", steps)] > 0
         assert result.summary[metric_name("images_per_second", steps)] > 0
     assert len(result.per_prompt) == 3 and len(result.per_sample) == 6
+    # The Fréchet distance depends on the samples and the feature width: both recorded, and
+    # 3 samples of many-dimensional features are called out.
+    dims = real_features.shape[1]
+    assert result.settings["frechet_feature_dims"] == dims > 3
+    assert result.settings["frechet_real_samples"] == 6
+    warnings = [r.getMessage() for r in caplog.records if "Fréchet distance" in r.getMessage()]
+    assert len(warnings) == 2 and f"from 3 samples of {dims}-dimensional features" in warnings[0]
 
     # The per-prompt numbers are the toy modules' numbers on the same samples.
     from unifl.models.sampler import generate

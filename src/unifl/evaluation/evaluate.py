@@ -41,6 +41,7 @@ Outputs (`out_dir`, replaced as a whole, never half-written):
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,8 @@ from unifl.evaluation.throughput import timed_generate, warm_up
 from unifl.io import atomic_directory, check_output_apart, split_lines, write_json
 
 KEY_COLUMNS: tuple[str, ...] = ("prompt_id", "prompt")
+logger = logging.getLogger(__name__)
+
 CAPTION_OBJECTS = "caption_objects"
 """Objects named by each caption: weights per-image caption-match into the pooled rate."""
 
@@ -418,9 +421,19 @@ def evaluate_model(
             if name.startswith("reward_"):
                 summary[f"{name}_std"] = float(values.std()) if values.numel() > 1 else 0.0
         if extractor_for_frechet is not None and real_features is not None:
-            summary["frechet"] = frechet_distance(
-                torch.cat(step_features), real_features, eps=config.frechet_eps
-            )
+            generated = torch.cat(step_features)
+            summary["frechet"] = frechet_distance(generated, real_features, eps=config.frechet_eps)
+            samples, dims = min(len(generated), len(real_features)), real_features.shape[1]
+            if samples <= dims:
+                logger.warning(
+                    "Fréchet distance at %d steps from %d samples of %d-dimensional features: "
+                    "the covariances are singular and the distance grows as the samples "
+                    "shrink; compare it only between evaluations with as many samples "
+                    "(evaluate.num_prompts, evaluate.seeds)",
+                    steps,
+                    samples,
+                    dims,
+                )
         summary["images_per_second"] = count / seconds if seconds > 0 else float("inf")
         summary["num_images"] = float(count)
         by_steps[steps] = summary
@@ -443,6 +456,9 @@ def evaluate_model(
         "model": str(getattr(model, "source", "")),
         "baseline": str(getattr(baseline, "source", "")) if baseline is not None else None,
         "frechet_features": _extractor_name(extractor_for_frechet, segmenter),
+        # The distance depends on these: compare it only between equal ones.
+        "frechet_feature_dims": None if real_features is None else int(real_features.shape[1]),
+        "frechet_real_samples": None if real_features is None else len(real_features),
     }
     result = EvaluationResult(flat, by_steps, per_prompt, per_sample, settings)
     if out_dir is not None:
