@@ -121,6 +121,36 @@ def test_pairing_uses_prompt_ids_and_averages_seeds() -> None:
     assert result.ci_low == pytest.approx(0.4) and result.passed
 
 
+def test_seeds_pair_the_same_samples_before_they_are_averaged() -> None:
+    prompts = ["a", "b", "c", "d"]
+    base = np.array([1.0, 2.0, 3.0, 4.0])
+
+    def table(seeds: list[int], values: list[np.ndarray]) -> pd.DataFrame:
+        frame = pd.DataFrame(
+            {
+                "prompt_id": prompts * len(seeds),
+                "seed": np.repeat(seeds, len(prompts)),
+                "reward": np.concatenate(values),
+            }
+        )
+        return per_prompt_means(frame, "table", ["reward"])
+
+    # Seed 1 is the only one both evaluated: +0.5 on it, where the means of each side's own
+    # seeds would give 5.25 - 5 = +0.25.
+    candidate = table([0, 1], [base + 10, base + 0.5])
+    champion = table([1, 2], [base, base + 10])
+    paired = compare_with_champion("reward", "higher", candidate, champion, 0, 0.95, 200, 0, 4)
+    assert paired.value == pytest.approx(0.5) and paired.num_prompts == 4
+    # Without seeds on one side, each side's seeds are averaged per prompt.
+    unseeded = _table(base + 5, ids=prompts)
+    averaged = compare_with_champion("reward", "higher", candidate, unseeded, 0, 0.95, 200, 0, 4)
+    assert averaged.value == pytest.approx(0.25)
+    # No seed in common: nothing is paired.
+    other = table([7], [base])
+    alone = compare_with_champion("reward", "higher", candidate, other, 0, 0.95, 200, 0, 4)
+    assert not alone.passed and "only 0 shared" in alone.detail
+
+
 def test_too_few_shared_prompts_fail() -> None:
     result = compare_with_champion(
         "reward", "higher", _table(np.ones(3), ids=["a", "b", "c"]),

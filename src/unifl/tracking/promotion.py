@@ -59,6 +59,7 @@ logger = logging.getLogger(__name__)
 GATE_PREFIX = "unifl.gate."
 OVERRIDE_PREFIX = "unifl.override."
 PROMPT_ID_COLUMN = "prompt_id"
+SEED_COLUMN = "seed"
 _REPOSITORY = Path(__file__).resolve().parents[3]
 _POLICY_KEYS = ("thresholds", "max_thresholds", "champion_metrics", "tolerance")
 
@@ -223,15 +224,21 @@ def check_threshold(
 
 
 def per_prompt_means(frame: pd.DataFrame, source: str, metrics: list[str]) -> pd.DataFrame:
-    """One row per prompt id, columns `metrics` (several seeds per prompt are averaged).
+    """One row per prompt id (and seed, where the table has a `seed` column), columns
+    `metrics`; repeated rows are averaged.
 
-    Metric columns absent from `frame` are left out (the gate reports them); a present one
-    with a non-numeric or empty cell is an error naming the table, row and column.
+    Keeping the seeds lets `compare_with_champion` pair the same samples. Metric columns
+    absent from `frame` are left out (the gate reports them); a present one with a
+    non-numeric or empty cell is an error naming the table, row and column.
     """
     if PROMPT_ID_COLUMN not in frame.columns:
         raise PromotionError(f"{source}: no '{PROMPT_ID_COLUMN}' column ({list(frame.columns)})")
     present = [metric for metric in metrics if metric in frame.columns]
     table = pd.DataFrame({PROMPT_ID_COLUMN: frame[PROMPT_ID_COLUMN].astype(str)})
+    keys = [PROMPT_ID_COLUMN]
+    if SEED_COLUMN in frame.columns:
+        table[SEED_COLUMN] = frame[SEED_COLUMN].astype(str)
+        keys.append(SEED_COLUMN)
     for column in present:
         numeric = pd.to_numeric(frame[column], errors="coerce")
         bad = ~np.isfinite(numeric.to_numpy(dtype=np.float64, na_value=np.nan))
@@ -242,7 +249,14 @@ def per_prompt_means(frame: pd.DataFrame, source: str, metrics: list[str]) -> pd
                 f"({frame[column].iloc[row]!r})"
             )
         table[column] = numeric.astype(np.float64)
-    return table.groupby(PROMPT_ID_COLUMN, sort=True).mean()
+    return table.groupby(keys, sort=True).mean()
+
+
+def _by_prompt(table: pd.DataFrame) -> pd.DataFrame:
+    """A `per_prompt_means` table averaged over its seeds (if it has them)."""
+    if table.index.nlevels == 1:
+        return table
+    return table.groupby(level=PROMPT_ID_COLUMN, sort=True).mean()
 
 
 def compare_with_champion(
@@ -258,7 +272,8 @@ def compare_with_champion(
 ) -> GateResult:
     """Paired bootstrap on shared prompts: pass when the CI's lower bound >= -tolerance.
 
-    `candidate` and `champion` are `per_prompt_means` tables. The improvement per prompt is
+    `candidate` and `champion` are `per_prompt_means` tables; where both keep seeds, only
+    the (prompt, seed) samples both evaluated are compared. The improvement per prompt is
     ``candidate - champion`` for higher-is-better metrics and ``champion - candidate``
     otherwise, so "lower bound >= -tolerance" reads "not worse by more than tolerance".
     """
@@ -273,10 +288,16 @@ def compare_with_champion(
                 bound=-tolerance,
                 detail=f"{label}'s per-prompt table has no column {metric!r}",
             )
+    if candidate.index.nlevels != champion.index.nlevels:
+        candidate, champion = _by_prompt(candidate), _by_prompt(champion)
+    # With seeds on both sides, the same (prompt, seed) samples are paired, then averaged per
+    # prompt: an evaluation at other seeds compares other samples, not a better model.
     shared = candidate.index.intersection(champion.index)
-    pairs = pd.DataFrame(
-        {"candidate": candidate.loc[shared, metric], "champion": champion.loc[shared, metric]}
-    ).dropna()
+    pairs = _by_prompt(
+        pd.DataFrame(
+            {"candidate": candidate.loc[shared, metric], "champion": champion.loc[shared, metric]}
+        ).dropna()
+    )
     if len(pairs) < min_prompts:
         return GateResult(
             name,
