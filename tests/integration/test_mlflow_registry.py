@@ -320,6 +320,11 @@ def test_promotion_lifecycle_with_legacy_stages(server: MlflowServer, monkeypatc
     assert [g.detail for g in blind.failed_gates] == [
         "candidate has no per-prompt table (evaluation/per_prompt.csv)"
     ]
+    # Production takes the version that holds the staging alias, not a stale staging tag.
+    client.set_model_version_tag(name, v4, "unifl.stage", "staging")
+    with pytest.raises(PromotionError, match=rf"v{v4} is tagged staging, but v{v3} holds"):
+        promote(client, name, v4, gate_policy(params), target="production")
+    client.set_model_version_tag(name, v4, "unifl.stage", "candidate")
     # A policy without a single gate checks nothing, so it promotes nothing.
     ungated = promote(client, name, v4, GatePolicy(compare_to_champion=False))
     assert not ungated.promoted

@@ -524,6 +524,16 @@ def promote(
         raise PromotionError(f"{model_name} v{number} is already at {current}")
     if target == "production" and current != "staging":
         raise PromotionError(f"{model_name} v{number} is at {current}; promote it to staging first")
+    if target == "production":
+        # The alias, not the tag, says which version is staged: two staging promotions at
+        # once can leave the tag on a version whose alias moved on.
+        staged = version_by_alias(client, model_name, ALIASES["staging"])
+        if staged is None or str(staged.version) != number:
+            holder = "no version" if staged is None else f"v{staged.version}"
+            raise PromotionError(
+                f"{model_name} v{number} is tagged staging, but {holder} holds the "
+                f"'{ALIASES['staging']}' alias; promote v{number} to staging again first"
+            )
 
     champion = version_by_alias(client, model_name, ALIASES["production"])
     champion_table = None
