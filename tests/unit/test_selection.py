@@ -222,9 +222,15 @@ def test_select_prompts_filters_compresses_samples_and_is_deterministic() -> Non
     assert report.mean_nn_similarity_after_compression < report.mean_nn_similarity_before
     assert report.max_nn_similarity_after_compression <= 0.8
     assert report.compression_passes == 1
+    # How many queries the similarity report samples does not change the selection.
+    sampled = select_prompts(
+        prompts, embed, config.model_copy(update={"nn_queries": 20}), seed=7, show_progress=False
+    )
+    assert sampled.indices == first.indices
+    assert sampled.report.mean_nn_similarity_before != report.mean_nn_similarity_before
 
 
-def test_select_prompts_reports_shortfall_when_few_prompts_survive() -> None:
+def test_select_prompts_reports_shortfall_when_few_prompts_survive(caplog) -> None:
     prompts = ["a red circle on a dark background", "a blue square on a gray background", "a cat"]
     same = torch.ones(3, 4)
     config = CurateConfig(num_prompts=5)
@@ -232,6 +238,7 @@ def test_select_prompts_reports_shortfall_when_few_prompts_survive() -> None:
     assert result.report.semantic_dropped == 1  # "a cat"
     assert result.report.kept_after_compression == 1  # identical embeddings
     assert result.report.shortfall == 4
+    assert "kept 1 prompts, fewer than curate.num_prompts=5: 1 of 2 survived" in caplog.text
 
 
 def test_mean_nearest_neighbour_similarity_samples_queries_above_the_limit() -> None:

@@ -27,6 +27,7 @@ L2-normalised, so "similar" means similar to the model being tuned.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,8 @@ from tqdm.auto import tqdm
 
 from unifl.config import CurateConfig
 from unifl.data.scene_graph import SceneGraphParser, semantic_scores
+
+logger = logging.getLogger(__name__)
 
 Embedder = Callable[[list[str]], torch.Tensor]
 """Maps prompts to a [N, D] tensor of embeddings (normalised by `select_prompts`)."""
@@ -273,10 +276,13 @@ def compress_and_sample(
     timings: dict[str, float] = {}
     count = int(embeddings.shape[0])
     generator = torch.Generator().manual_seed(seed)
+    # The statistics' query sample draws from its own stream: `nn_queries`, a report
+    # setting, must not change which prompts are selected.
+    statistics = torch.Generator().manual_seed(seed + 1)
     backend = resolve_backend(config.similarity_backend)
     clock = time.perf_counter()
     before_mean, _, _ = mean_nearest_neighbour_similarity(
-        embeddings, config.nn_queries, generator, config.block_size
+        embeddings, config.nn_queries, statistics, config.block_size
     )
     timings["nn_before"] = time.perf_counter() - clock
 
@@ -289,7 +295,7 @@ def compress_and_sample(
     clock = time.perf_counter()
     passes = 1
     after_mean, after_max, queries = mean_nearest_neighbour_similarity(
-        embeddings[kept], config.nn_queries, generator, config.block_size
+        embeddings[kept], config.nn_queries, statistics, config.block_size
     )
     while after_max is not None and after_max > config.tau2 and passes < 10:
         # Only floating-point disagreement between blockings can get here.
@@ -299,15 +305,25 @@ def compress_and_sample(
         kept = kept[sub]
         passes += 1
         after_mean, after_max, queries = mean_nearest_neighbour_similarity(
-            embeddings[kept], config.nn_queries, generator, config.block_size
+            embeddings[kept], config.nn_queries, statistics, config.block_size
         )
     timings["nn_after"] = time.perf_counter() - clock
 
     sample = torch.randperm(kept.shape[0], generator=generator)[: config.num_prompts]
     chosen = kept[sample]
     selected_mean, _, _ = mean_nearest_neighbour_similarity(
-        embeddings[chosen], config.nn_queries, generator, config.block_size
+        embeddings[chosen], config.nn_queries, statistics, config.block_size
     )
+    if chosen.shape[0] < config.num_prompts:
+        logger.warning(
+            "active selection kept %d prompts, fewer than curate.num_prompts=%d: %d of %d "
+            "survived the similarity compression at tau2=%s; add prompts or raise tau2",
+            int(chosen.shape[0]),
+            config.num_prompts,
+            int(kept.shape[0]),
+            count,
+            config.tau2,
+        )
     stats: dict[str, Any] = {
         "compressed_dropped": count - int(kept.shape[0]),
         "kept_after_compression": int(kept.shape[0]),
