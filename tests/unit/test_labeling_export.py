@@ -265,6 +265,10 @@ def test_expanded_completed_by_and_url_only_tasks():
             lambda t: t["annotations"][0]["result"][0].update(value={}),
             "missing field 'value.choices'",
         ),
+        (
+            lambda t: (t["data"].pop("image_a_path"), t["data"].update(image_a="https://x/a.png")),
+            "task 1: 'data.image_a' is 'https://x/a.png', a URL that names no file",
+        ),
     ],
 )
 def test_bad_exports_name_task_and_annotation(mutate, message):

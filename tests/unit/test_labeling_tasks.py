@@ -118,6 +118,12 @@ def test_s3_urls_join_prefix_and_path():
     assert url_to_relative_path("s3://bucket/datasets/x.png") == "datasets/x.png"
 
 
+def test_urls_that_name_no_file_have_no_path():
+    assert url_to_relative_path("https://cdn.example.com/x.png") is None
+    assert url_to_relative_path("/data/upload/3/abc-x.png") is None
+    assert url_to_relative_path("images/p0_a.png") == "images/p0_a.png"
+
+
 def test_tasks_carry_urls_paths_pair_id_and_meta(tmp_path):
     rows = [pair_row("p0")]
     tasks = pair_rows_to_tasks(rows, lambda rel: f"s3://b/{rel}")

@@ -133,7 +133,14 @@ def _task_images(task: dict[str, Any], where: str) -> tuple[str, str, str]:
         if isinstance(data.get(path_field), str):
             images.append(data[path_field])
         elif isinstance(data.get(url_field), str):
-            images.append(url_to_relative_path(data[url_field]))
+            path = url_to_relative_path(data[url_field])
+            if path is None:
+                raise ExportError(
+                    f"{where}: 'data.{url_field}' is {data[url_field]!r}, a URL that names no "
+                    f"file of the pairs directory, and 'data.{path_field}' is missing (tasks "
+                    "pushed by unifl carry it)"
+                )
+            images.append(path)
         else:
             raise ExportError(f"{where}: missing field 'data.{url_field}'")
     return prompt, images[0], images[1]

@@ -207,13 +207,17 @@ def s3_url(relative_path: str, bucket: str, prefix: str = "") -> str:
     return f"s3://{bucket}/{s3_key(relative_path, prefix)}"
 
 
-def url_to_relative_path(url: str) -> str:
-    """Best-effort path of an image from its URL (for exports of tasks we did not create)."""
+def url_to_relative_path(url: str) -> str | None:
+    """Best-effort path of an image from its URL (for exports of tasks we did not create):
+    a local-files or cloud-storage URL's path; None for a URL that names no file (http,
+    uploads)."""
     if url.startswith(LOCAL_FILES_PREFIX):
         return unquote(url[len(LOCAL_FILES_PREFIX) :])
     parts = urlsplit(url)
     if parts.scheme in ("s3", "gs", "azure-blob"):
         return parts.path.lstrip("/")
+    if parts.scheme or url.startswith("/data/"):
+        return None
     return url
 
 
