@@ -420,8 +420,8 @@ def test_nan_loss_stops_with_the_step_named_and_the_last_checkpoint_intact(tmp_p
         with pytest.raises(ResumeError, match=message):
             changed.train()
     other_base = build_toy_model("toy-sd15")
-    other_base.source = str(tmp_path / "another-base")
-    (tmp_path / "another-base").mkdir()
+    with torch.no_grad():
+        other_base.unet.conv_in.bias.add_(0.5)
     moved = DecoupledTrainer(
         other_base,
         reward_model(),
@@ -430,5 +430,20 @@ def test_nan_loss_stops_with_the_step_named_and_the_last_checkpoint_intact(tmp_p
         tmp_path,
         progress=False,
     )
-    with pytest.raises(ResumeError, match=rf"base_model: 'toy-sd15' -> '{tmp_path}/another-base'"):
+    with pytest.raises(ResumeError, match=r"base_model: '[0-9a-f]{16}' -> '[0-9a-f]{16}'"):
         moved.train()
+
+
+def test_the_base_models_digest_follows_its_weights_not_its_path_or_precision(tmp_path):
+    from unifl.feedback.trainer import weights_digest
+    from unifl.models.base import load_base_model, save_base_model
+
+    model = build_toy_model("toy-sd15")
+    save_base_model(model, tmp_path / "a")
+    save_base_model(model, tmp_path / "b")
+    first, second = load_base_model(tmp_path / "a"), load_base_model(tmp_path / "b")
+    assert weights_digest(first.unet, first.vae) == weights_digest(second.unet, second.vae)
+    assert weights_digest(first.unet) == weights_digest(second.unet.to(torch.bfloat16))
+    with torch.no_grad():
+        second.unet.conv_in.bias[0] += 0.5
+    assert weights_digest(first.unet) != weights_digest(second.unet)

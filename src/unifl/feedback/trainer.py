@@ -435,10 +435,24 @@ class ExponentialMovingAverage:
 # --------------------------------------------------------------------------- pieces
 
 
-def _model_identity(source: str) -> str:
-    """A base model's source as a checkpoint records it: local directories as absolute paths,
-    so `runs/x` and `/work/runs/x` are one model."""
-    return os.path.abspath(source) if source and Path(source).exists() else source
+def weights_digest(*modules: nn.Module, samples: int = 256) -> str:
+    """A digest of the modules' weights: up to `samples` evenly strided values of each tensor,
+    rounded to bf16.
+
+    It tells base models apart where their paths cannot (a resumed pipeline run reads the
+    same model from another artifact path), costs milliseconds even for SDXL, and gives
+    the same digest for weights loaded in fp32 or bf16.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for index, module in enumerate(modules):
+        for name, tensor in sorted(module.state_dict().items()):
+            flat = tensor.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // samples)][:samples]
+            digest.update(f"{index}.{name}".encode())
+            digest.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 class LinearWarmup:
@@ -690,6 +704,8 @@ class FeedbackTrainer:
         unet = model.unet
         if getattr(unet, "peft_config", None):
             raise TrainingError(f"{model.source or 'model'}: the UNet already carries an adapter")
+        # Before training changes any of them: what a checkpoint must have started from.
+        self.base_digest = weights_digest(unet, model.vae, *model.text_encoders())
         model.freeze()
         for encoder in model.text_encoders():
             # fp32 text encoders: run once per batch without gradients, exported unchanged.
@@ -831,7 +847,7 @@ class FeedbackTrainer:
             "lora_target_modules": self.config.lora_target_modules
             if self.config.use_lora
             else None,
-            "base_model": _model_identity(self.model.source),
+            "base_model": self.base_digest,
             # The checkpoint restores these with the optimiser, the schedule and the average:
             # a changed value would be ignored without a word.
             "learning_rates": {group.name: group.learning_rate for group in self.groups},
