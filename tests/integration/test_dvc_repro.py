@@ -65,7 +65,9 @@ def run(args: list[str], cwd: Path, timeout: float = 1800) -> subprocess.Complet
 def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("dvc-repo")
     run(["git", "init", "-q"], repo)
-    run([str(BIN / "dvc"), "init", "-q"], repo)
+    # The repository's own DVC set-up, as a clone has it: no `dvc init` of the test's.
+    shutil.copytree(REPO / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"))
+    shutil.copy(REPO / ".dvcignore", repo / ".dvcignore")
     shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
     params = load_params(
         REPO / "params.yaml",
