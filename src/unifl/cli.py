@@ -555,12 +555,20 @@ def run_pipeline(
 ) -> None:
     """Run a pipeline locally with kfp.local (toy world, simulated annotators, MLflow on SQLite).
 
-    Prints the evaluation, the promotion decision, the outputs and the MLflow UI command.
+    Prints the pipeline run id and the log's path as the steps start, then the evaluation, the
+    promotion decision, the outputs and the MLflow UI command. An interrupted or failed run
+    resumes with the same options and --run-id.
     """
     from unifl.orchestration.local import LocalRunError, run_local
     from unifl.tracking.runs import TrackingError
 
     config = load(params, preset, set_)
+    started: dict[str, object] = {}
+
+    def announce(pipeline_run_id: str, log_file: Path) -> None:
+        started.update(run_id=pipeline_run_id, log=log_file)
+        typer.echo(f"pipeline run id {pipeline_run_id}; log: {log_file}", err=True)
+
     try:
         summary = run_local(
             config,
@@ -572,7 +580,18 @@ def run_pipeline(
             pairs_uri=pairs_uri,
             prompts_uri=prompts_uri,
             cache=cache,
+            on_start=announce,
         )
+    except KeyboardInterrupt:
+        if started:
+            typer.echo(
+                f"\ninterrupted: resume with the same options and --run-id {started['run_id']} "
+                f"(log: {started['log']})",
+                err=True,
+            )
+        else:
+            typer.echo("\ninterrupted before the first step", err=True)
+        raise typer.Exit(130) from None
     except (ConfigError, TrackingError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -625,16 +644,29 @@ def submit_pipeline_command(
         list[str] | None,
         typer.Option("--arg", help="Run parameter name=value, e.g. pefl_steps=500 (repeatable)."),
     ] = None,
-    image: Annotated[str | None, typer.Option("--image", help="Image NAME:TAG.")] = None,
+    image: Annotated[
+        str | None,
+        typer.Option("--image", help="Image NAME:TAG of the steps (default pipeline.image)."),
+    ] = None,
     gpu_image: Annotated[str | None, typer.Option("--gpu-image", help="GPU image.")] = None,
     namespace: Annotated[
         str | None, typer.Option("--namespace", help="Kubeflow profile namespace.")
     ] = None,
+    service_account: Annotated[
+        str,
+        typer.Option(
+            "--service-account",
+            help="Kubernetes service account of the run's pods ('' for the namespace's default).",
+        ),
+    ] = "unifl-pipeline",
     params: ParamsOpt = Path("params.yaml"),
     preset: PresetOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Upload the pipeline as a new version and start a run (token from $KFP_TOKEN if set)."""
+    """Upload the pipeline as a new version and start a run (token from $KFP_TOKEN if set).
+
+    Needs the steps' image: --image or pipeline.image.
+    """
     from unifl.orchestration.submit import SubmitError, parse_arguments, submit_pipeline
 
     config = load(params, preset, set_)
@@ -649,6 +681,7 @@ def submit_pipeline_command(
             image=image,
             gpu_image=gpu_image,
             namespace=namespace,
+            service_account=service_account,
         )
     except (ConfigError, SubmitError) as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -6,14 +6,20 @@ component's function, MLflow is a SQLite file, the checkpoint volume a directory
 
 from __future__ import annotations
 
+import fcntl
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from unifl.config import ConfigError, load_params
-from unifl.orchestration.local import run_local
+from unifl.orchestration.local import LocalRunError, run_local
 from unifl.tracking.runs import TrackingError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -138,3 +144,109 @@ def test_unifl_run_names_an_invalid_parameter(tmp_path: Path) -> None:
     assert not (tmp_path / "pipeline_root").exists()
     result = CliRunner().invoke(app, ["run", "--pipeline", "everything", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "unknown pipeline 'everything'" in result.output
+
+
+def test_a_second_run_in_the_same_directory_is_refused_at_once(tmp_path: Path) -> None:
+    """The lock `unifl run` holds on its output directory, held here by the test."""
+    from unifl.cli import app
+
+    out = tmp_path / "local"
+    out.mkdir()
+    with (out / "run.lock").open("a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("process 4242, pipeline run id local-holder\n")
+        held.flush()
+        started = time.perf_counter()
+        with pytest.raises(LocalRunError) as raised:
+            run_local(ci_params(), "full", out_dir=out, progress=False)
+        assert time.perf_counter() - started < 5
+        message = str(raised.value)
+        assert f"{out} is in use by another run" in message
+        assert "pipeline run id local-holder" in message
+        result = CliRunner().invoke(
+            app, ["run", "--out", str(out), "--params", str(REPO / "params.yaml")]
+        )
+        assert result.exit_code == 1 and "is in use by another run" in result.output
+    assert not (out / "pipeline_root").exists() and not (out / "logs").exists()
+
+
+def _start_run(out: Path, stderr: Path, *extra: str) -> subprocess.Popen:
+    """`unifl run` in its own process group, as a terminal starts it (Ctrl-C reaches all)."""
+    command = [
+        str(Path(sys.executable).with_name("unifl")), "run", "--preset", "ci",
+        "--params", str(REPO / "params.yaml"), "--out", str(out), "--no-cache",
+        "--set", f"bootstrap.cache_dir={REPO / '.cache' / 'unifl' / 'toy'}", *extra,
+    ]  # fmt: skip
+    with stderr.open("w") as errors:
+        return subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=errors, start_new_session=True
+        )
+
+
+def _wait_for(condition, what: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} after {timeout_s} s"
+        time.sleep(0.2)
+
+
+def _started_line(stderr: Path) -> str:
+    lines = [line for line in stderr.read_text().splitlines() if "pipeline run id" in line]
+    return lines[0] if lines else ""
+
+
+def test_an_interrupted_run_says_how_to_resume_and_keeps_its_log(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the run's process group) during the first steps, twice."""
+    from unifl.cli import app
+
+    out = tmp_path / "local"
+    first_err = tmp_path / "first.err"
+    first = _start_run(out, first_err)
+    _wait_for(lambda: _started_line(first_err), "start line")
+    line = _started_line(first_err)
+    run_id = line.split("pipeline run id ")[1].split(";")[0]
+    log = out / "logs" / f"{run_id}.log"
+    assert line == f"pipeline run id {run_id}; log: {log}"
+    _wait_for(lambda: log.exists() and "Executing task" in log.read_text(), "step in the log")
+    os.killpg(first.pid, signal.SIGINT)
+    assert first.wait(timeout=120) == 130
+    said = first_err.read_text()
+    assert f"resume with the same options and --run-id {run_id} (log: {log})" in said
+    first_log = log.read_text()
+    assert first_log.count(f"pipeline run id {run_id}, started") == 1
+
+    second_err = tmp_path / "second.err"
+    second = _start_run(out, second_err, "--run-id", run_id)
+    try:
+        _wait_for(lambda: _started_line(second_err), "start line of the resumed run")
+        assert _started_line(second_err) == line
+        # A third run in the same directory, while the second one runs: refused at once.
+        other = CliRunner().invoke(
+            app, ["run", "--out", str(out), "--params", str(REPO / "params.yaml")]
+        )
+        assert other.exit_code == 1
+        assert f"{out} is in use by another run (process {second.pid}" in other.output
+        _wait_for(lambda: log.read_text().count("Executing task") > first_log.count(
+            "Executing task"), "step of the resumed run in the log")  # fmt: skip
+    finally:
+        os.killpg(second.pid, signal.SIGINT)
+        second.wait(timeout=120)
+    assert second.returncode == 130
+    both = log.read_text()
+    assert both.startswith(first_log)
+    assert both.count(f"pipeline run id {run_id}, started") == 2
+
+
+def test_a_resumed_run_reports_only_its_own_failure_from_the_shared_log(tmp_path: Path) -> None:
+    from unifl.orchestration.local import _log_tail
+
+    log = tmp_path / "run.log"
+    log.write_text(
+        "==== attempt 1 ====\nTraceback (most recent call last):\nValueError: first attempt\n"
+    )
+    start = log.stat().st_size
+    with log.open("a") as handle:
+        handle.write("==== attempt 2 ====\nTask 'pefl' finished with status FAILURE\n")
+    assert "first attempt" in _log_tail(log)
+    tail = _log_tail(log, start=start)
+    assert "first attempt" not in tail and "attempt 2" in tail

@@ -412,6 +412,7 @@ def test_submit_uploads_a_pipeline_then_versions_and_starts_runs() -> None:
     from unifl.orchestration.submit import parse_arguments, submit_pipeline
 
     params = repo_params()
+    params.pipeline.image = "registry.example/unifl:0.1.0"
     first = RecordingKfpClient()
     run = submit_pipeline(
         params,
@@ -432,15 +433,17 @@ def test_submit_uploads_a_pipeline_then_versions_and_starts_runs() -> None:
     started = first.calls[-1][1]
     assert started["experiment_id"] == "e-1" and started["pipeline_id"] == "p-1"
     assert started["version_id"] == "v-1"
+    assert started["service_account"] == "unifl-pipeline"
     assert started["params"] == {"pefl_steps": 500, "pairs_uri": "s3://b/pairs", "gpu_count": 2}
     assert first.packages[0]["pipelineInfo"]["name"] == "unifl-train"
     assert run.url == "http://kfp.example/#/runs/details/r-1"
 
     again = RecordingKfpClient(existing_pipeline="p-1")
-    submit_pipeline(params, "http://kfp.example", "train", client=again)
+    submit_pipeline(params, "http://kfp.example", "train", client=again, service_account="")
     names = [name for name, _ in again.calls]
     assert "upload_pipeline" not in names and "upload_pipeline_version" in names
     assert again.calls[-1][1]["version_id"] == "v-2"
+    assert again.calls[-1][1]["service_account"] is None  # the namespace's default
     with pytest.raises(ConfigError, match="run parameter 'pefl_steps': expected name=value"):
         parse_arguments(["pefl_steps"])
 

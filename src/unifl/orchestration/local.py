@@ -9,15 +9,16 @@ the local runner) and the checkpoint volume (a local directory instead).
 Layout of `out_dir` (default `<project.work_dir>/local`), shared by successive runs so the
 MLflow UI shows their history and the promotion gates find the previous champion:
 
+    run.lock             held by the run using the directory: one run at a time
     mlflow.db            the tracking and registry database (SQLite)
     mlartifacts/         MLflow's artifact store
     pipeline_root/       KFP's outputs, one directory per run and task
     kfp-cache/           KFP's cache of the data steps
     checkpoints/         the training steps' work and checkpoints, per run id and stage
-    logs/<run id>.log    everything the steps printed
+    logs/<run id>.log    everything the steps printed; a resumed run (same run id) appends
 
 Invalid parameters are reported before anything starts, naming the parameter; so is an
-unreachable MLflow server.
+unreachable MLflow server, and a directory that another run is using.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -93,8 +94,44 @@ class LocalLayout:
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 
+    @property
+    def lock_file(self) -> Path:
+        return self.root / "run.lock"
+
     def log_file(self, run_id: str) -> Path:
         return self.root / "logs" / f"{run_id}.log"
+
+
+@contextlib.contextmanager
+def exclusive_use(layout: LocalLayout, run_id: str) -> Iterator[None]:
+    """Hold the layout's lock for a run: a second run in the same directory fails at once.
+
+    Successive runs share the directory (MLflow history, the KFP cache), but a run finds its
+    outputs as the pipeline root's new directory, which only holds while it is alone there.
+    The lock is an `flock` on `run.lock`, released by the kernel when this process ends, so
+    a killed run leaves nothing to clean up; the file names the holder for the error.
+    """
+    import fcntl
+
+    layout.root.mkdir(parents=True, exist_ok=True)
+    with layout.lock_file.open("a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            raise LocalRunError(
+                f"{layout.root} is in use by another run ({holder or 'unknown'}): wait for it "
+                "to finish or pass another output directory (--out)"
+            ) from None
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"process {os.getpid()}, pipeline run id {run_id}\n")
+            handle.flush()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def new_run_id() -> str:
@@ -212,6 +249,7 @@ class _ProgressStream(io.TextIOBase):
         self.buffer_text = ""
         self.failed: list[str] = []
         self.done: set[str] = set()
+        self.log_start = 0
 
     def writable(self) -> bool:
         return True
@@ -252,16 +290,22 @@ class _ProgressStream(io.TextIOBase):
 
 @contextlib.contextmanager
 def _captured(
-    log_file: Path, total: int, names: Mapping[str, str], progress: bool
+    log_file: Path, header: str, total: int, names: Mapping[str, str], progress: bool
 ) -> Iterator[Any]:
+    """Everything printed goes to `log_file`, appended: a resumed run keeps the log of the
+    attempt before it. `stream.log_start` is where this attempt's part begins."""
     from tqdm.auto import tqdm
 
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with (
-        log_file.open("w", encoding="utf-8") as log,
+        log_file.open("a", encoding="utf-8") as log,
         tqdm(total=total, unit="step", disable=not progress, file=sys.stderr) as bar,
     ):
+        log_start = log.tell()
+        log.write(("\n" if log_start else "") + header + "\n")
+        log.flush()
         stream = _ProgressStream(log, bar, names)
+        stream.log_start = log_start
         with contextlib.redirect_stdout(stream), warnings.catch_warnings():
             # The local runner warns for every Kubernetes-only setting and for a base image
             # without "python" in its name; both are expected here.
@@ -322,21 +366,53 @@ def run_local(
     prompts_uri: str = "",
     cache: bool = True,
     progress: bool = True,
+    on_start: Callable[[str, Path], None] | None = None,
 ) -> RunSummary:
     """Run pipeline `pipeline` (full, collect, train) locally and summarize what it produced.
 
     Everything that can be checked is checked before the first step starts: the run's
-    parameters (as the pipeline's first step resolves them), input files, and MLflow.
+    parameters (as the pipeline's first step resolves them), input files, MLflow, and that
+    no other run uses `out_dir` (`exclusive_use`). Then `on_start(run id, log file)` is
+    called, before the first step: the run id is what resumes an interrupted run.
     """
+    if pipeline not in PIPELINE_NAMES:
+        raise ConfigError(f"unknown pipeline {pipeline!r}; expected one of {PIPELINE_NAMES}")
+    layout = LocalLayout(Path(out_dir or Path(params.project.work_dir) / "local").resolve())
+    run_id = pipeline_run_id or new_run_id()
+    with exclusive_use(layout, run_id):
+        return _run_locked(
+            params,
+            pipeline,
+            layout,
+            run_id,
+            prompt_source,
+            labels_export,
+            pairs_uri,
+            prompts_uri,
+            cache,
+            progress,
+            on_start,
+        )
+
+
+def _run_locked(
+    params: Params,
+    pipeline: str,
+    layout: LocalLayout,
+    run_id: str,
+    prompt_source: str,
+    labels_export: str,
+    pairs_uri: str,
+    prompts_uri: str,
+    cache: bool,
+    progress: bool,
+    on_start: Callable[[str, Path], None] | None,
+) -> RunSummary:
     import kfp.local
 
     from unifl.pipelines.unifl_pipelines import PIPELINE_IDS, build_pipeline
 
-    if pipeline not in PIPELINE_NAMES:
-        raise ConfigError(f"unknown pipeline {pipeline!r}; expected one of {PIPELINE_NAMES}")
-    layout = LocalLayout(Path(out_dir or Path(params.project.work_dir) / "local").resolve())
     params = local_params(params, layout)
-    run_id = pipeline_run_id or new_run_id()
     if pipeline == "train" and not (pairs_uri and prompts_uri):
         found_pairs, found_prompts = latest_collect_outputs(layout)
         pairs_uri, prompts_uri = pairs_uri or found_pairs, prompts_uri or found_prompts
@@ -383,13 +459,17 @@ def run_local(
     )
     existing = set(layout.pipeline_root.glob("*")) if layout.pipeline_root.exists() else set()
     log_file = layout.log_file(run_id)
+    if on_start is not None:
+        on_start(run_id, log_file)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    header = f"==== {PIPELINE_IDS[pipeline]}, pipeline run id {run_id}, started {stamp} ===="
     started = time.perf_counter()
     error: BaseException | None = None
     environment = {**SUBPROCESS_ENV, **tracking_credentials_env(params.tracking.tracking_uri)}
     with (
         _environment(environment),
         _absent_optional_inputs_left_out(),
-        _captured(log_file, total, names, progress) as stream,
+        _captured(log_file, header, total, names, progress) as stream,
     ):
         try:
             pipeline_func(**arguments)
@@ -400,7 +480,7 @@ def run_local(
     run_dir = new_dirs[-1] if new_dirs else layout.pipeline_root
     if error is not None or stream.failed:
         failed = ", ".join(names.get(key, key) for key in stream.failed) or "a step"
-        tail = _log_tail(log_file)
+        tail = _log_tail(log_file, start=stream.log_start)
         reason = f"\n{type(error).__name__}: {error}" if error is not None else ""
         raise LocalRunError(
             f"{PIPELINE_IDS[pipeline]} failed in {failed} after {seconds:.0f} s "
@@ -410,10 +490,13 @@ def run_local(
     return summarize_run(PIPELINE_IDS[pipeline], run_id, run_dir, shown_uri, seconds, log_file)
 
 
-def _log_tail(log_file: Path, lines: int = 25) -> str:
-    """The failing step's traceback from the log (the executor's JSON dumps left out)."""
+def _log_tail(log_file: Path, lines: int = 25, start: int = 0) -> str:
+    """The failing step's traceback from the log from byte `start` on (this attempt's part),
+    the executor's JSON dumps left out."""
     try:
-        text = log_file.read_text(encoding="utf-8", errors="replace")
+        with log_file.open("rb") as handle:
+            handle.seek(start)
+            text = handle.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
     kept = [_ANSI.sub("", line).rstrip() for line in text.splitlines() if "\r" not in line]
