@@ -179,7 +179,13 @@ def _start_run(out: Path, stderr: Path, *extra: str) -> subprocess.Popen:
     ]  # fmt: skip
     with stderr.open("w") as errors:
         return subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=errors, start_new_session=True
+            command,
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+            start_new_session=True,
+            # A test run started in the background (`make test &`) inherits SIGINT ignored,
+            # and so would the run: give it a terminal's default.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
 
 
