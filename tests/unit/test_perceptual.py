@@ -355,6 +355,41 @@ def test_preprocessing_reads_a_processor_and_is_differentiable() -> None:
     assert divisor.output_size(40, 60) == (32, 32)
 
 
+def test_preprocessing_gives_mobilevit_what_its_processor_gives() -> None:
+    # MobileViT / DeepLabV3 checkpoints take BGR in [0, 1]: their processor does not normalise
+    # (do_normalize None) although it carries a mean and std.
+    from transformers import MobileViTImageProcessor
+
+    processor = MobileViTImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    )
+    preprocessing = ImagePreprocessing.from_processor(processor)
+    assert preprocessing.flip_channels and preprocessing.mean == (0.0, 0.0, 0.0)
+    pixels = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8)
+    expected = processor(images=pixels.numpy(), return_tensors="pt")["pixel_values"]
+    ours = preprocessing(pixels.permute(2, 0, 1)[None].float() / 255)
+    torch.testing.assert_close(ours, expected.float(), atol=1e-6, rtol=0)
+
+
+def test_segmentation_losses_keep_the_whole_image_for_their_label_maps(tmp_path) -> None:
+    from transformers import MobileViTImageProcessor
+
+    tiny_segformer().save_pretrained(tmp_path)
+    MobileViTImageProcessor(
+        size={"shortest_edge": 64}, crop_size={"height": 48, "width": 48}
+    ).save_pretrained(tmp_path)
+    semantic = SemanticSegmentationLoss.from_pretrained(tmp_path)
+    assert semantic.preprocessing.crop is None and semantic.preprocessing.flip_channels
+    assert semantic.preprocessing.output_size(64, 64) == (64, 64)
+    instance_dir = tmp_path / "mask2former"
+    tiny_mask2former().save_pretrained(instance_dir)
+    MobileViTImageProcessor(
+        size={"shortest_edge": 64}, crop_size={"height": 48, "width": 48}
+    ).save_pretrained(instance_dir)
+    instance = InstanceSegmentationLoss.from_pretrained(instance_dir)
+    assert instance.preprocessing.crop is None and instance.preprocessing.size_divisor == 32
+
+
 def test_build_from_config_loads_saved_checkpoints_with_their_processor(tmp_path) -> None:
     segformer_dir, resnet_dir = tmp_path / "segformer", tmp_path / "resnet"
     tiny_segformer().save_pretrained(segformer_dir)

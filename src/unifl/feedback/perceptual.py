@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -93,6 +93,7 @@ class ImagePreprocessing:
     edge (aspect ratio kept); None keeps the input size. `size_divisor` rounds
     the resized height and width up to a multiple (Mask2Former needs 32).
     `crop` is an optional centre crop `(height, width)` after the resize.
+    `flip_channels` gives the model BGR (MobileViT / DeepLabV3 checkpoints).
     """
 
     mean: tuple[float, ...] = IMAGENET_MEAN
@@ -101,6 +102,7 @@ class ImagePreprocessing:
     size_divisor: int = 1
     crop: tuple[int, int] | None = None
     mode: str = "bilinear"
+    flip_channels: bool = False
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """The (height, width) that `resize` gives for an input of this size."""
@@ -136,6 +138,8 @@ class ImagePreprocessing:
 
     def __call__(self, images: Tensor) -> Tensor:
         images = self.resize(images)
+        if self.flip_channels:
+            images = images.flip(-3)
         mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
         return (images - mean) / std
@@ -147,7 +151,8 @@ class ImagePreprocessing:
         """Read mean, std, size, size divisor and crop from a transformers image processor.
 
         Missing attributes fall back to ImageNet statistics and the input size.
-        A processor with `do_normalize=False` gives mean 0 and std 1.
+        A processor that does not normalise (`do_normalize` False or None, as MobileViT's)
+        gives mean 0 and std 1; `do_flip_channel_order` gives `flip_channels`.
         `image_size` overrides the processor's size (e.g. to keep a small
         input small instead of upsampling it to 512 px).
         """
@@ -158,13 +163,15 @@ class ImagePreprocessing:
         size: tuple[int, int] | int | None = None
         crop: tuple[int, int] | None = None
         size_divisor = 1
+        flip_channels = False
         if processor is not None:
             if getattr(processor, "image_mean", None) is not None:
                 mean = _three(processor.image_mean)
             if getattr(processor, "image_std", None) is not None:
                 std = _three(processor.image_std)
-            if getattr(processor, "do_normalize", True) is False:
+            if not getattr(processor, "do_normalize", True):
                 mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+            flip_channels = bool(getattr(processor, "do_flip_channel_order", False))
             size = _size_of(getattr(processor, "size", None))
             if getattr(processor, "do_center_crop", False):
                 crop_size = _size_of(getattr(processor, "crop_size", None))
@@ -174,7 +181,14 @@ class ImagePreprocessing:
         if image_size is not None:
             size = image_size if isinstance(image_size, int) else tuple(image_size)  # type: ignore[assignment]
             crop = None
-        return cls(mean=mean, std=std, size=size, size_divisor=size_divisor, crop=crop)
+        return cls(
+            mean=mean,
+            std=std,
+            size=size,
+            size_divisor=size_divisor,
+            crop=crop,
+            flip_channels=flip_channels,
+        )
 
 
 def _three(value: Any) -> tuple[float, ...]:
@@ -317,7 +331,8 @@ class SemanticSegmentationLoss(PerceptualLoss):
 
         model = AutoModelForSemanticSegmentation.from_pretrained(str(source), revision=revision)
         processor = load_image_processor(source, revision)
-        preprocessing = ImagePreprocessing.from_processor(processor, image_size)
+        # The label maps cover the whole image: a centre crop would misalign them.
+        preprocessing = replace(ImagePreprocessing.from_processor(processor, image_size), crop=None)
         return cls(model, preprocessing, ignore_index)
 
     def logits(self, images: Tensor) -> Tensor:
@@ -393,10 +408,10 @@ class InstanceSegmentationLoss(PerceptualLoss):
         model = Mask2FormerForUniversalSegmentation.from_pretrained(str(source), revision=revision)
         processor = load_image_processor(source, revision)
         preprocessing = ImagePreprocessing.from_processor(processor, image_size)
-        if preprocessing.size_divisor < 32:
-            preprocessing = ImagePreprocessing(
-                preprocessing.mean, preprocessing.std, preprocessing.size, 32, preprocessing.crop
-            )
+        # Whole-image masks, as for semantic segmentation: no crop.
+        preprocessing = replace(
+            preprocessing, size_divisor=max(32, preprocessing.size_divisor), crop=None
+        )
         return cls(model, preprocessing)
 
     def _targets(
