@@ -40,6 +40,7 @@ from typing import Any, Optional
 
 from kfp import dsl, kubernetes
 
+from unifl.cluster.settings import MLFLOW_CREDENTIAL_KEYS, MLFLOW_CREDENTIALS_SECRET
 from unifl.components import build_components, default_image, gpu_image_for
 from unifl.config import Params
 from unifl.orchestration.parameters import (
@@ -75,10 +76,6 @@ CONFIG_MAP_KEYS: tuple[str, ...] = (
 )
 """Endpoints every step reads from the ConfigMap (an absent map is tolerated: the
 configuration's values apply)."""
-
-MLFLOW_CREDENTIALS_SECRET = "unifl-mlflow-credentials"
-"""Optional Secret for an MLflow server behind authentication."""
-MLFLOW_CREDENTIAL_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 OTHER_PARAMETER_DESCRIPTIONS: dict[str, str] = {
     "params_yaml": "The whole configuration (params.yaml as YAML text). The named parameters "

@@ -314,8 +314,11 @@ def test_references_between_objects_resolve(overlay: str) -> None:
                     )
                     assert "secretRef" not in source or source["secretRef"]["name"] in secrets
     # Every template key is used by a manifest or by the pipeline pods.
-    from unifl.cluster.settings import secret_env_sources
-    from unifl.pipelines.unifl_pipelines import MLFLOW_CREDENTIAL_KEYS, MLFLOW_CREDENTIALS_SECRET
+    from unifl.cluster.settings import (
+        MLFLOW_CREDENTIAL_KEYS,
+        MLFLOW_CREDENTIALS_SECRET,
+        secret_env_sources,
+    )
 
     used_secret_keys |= {
         (secret, key) for secret, keys in secret_env_sources(GROUPS).items() for key in keys

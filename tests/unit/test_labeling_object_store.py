@@ -85,8 +85,10 @@ def test_missing_credentials_name_the_variables_and_never_a_value(tmp_path, envi
     with pytest.raises(ObjectStoreError) as info:
         upload_pair_images(settings, tmp_path, environ=environ)
     message = str(info.value)
-    assert message.startswith("uploading the pair images to s3://pairs/runs/1/pairs needs ")
-    assert "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in message
+    assert message.startswith(
+        "uploading the pair images to s3://pairs/runs/1/pairs: "
+        "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment"
+    )
     assert "unifl-s3-credentials Secret" in message
     assert message.endswith(f"not set: {missing}")
     assert KEY_ID not in message and SECRET_KEY not in message

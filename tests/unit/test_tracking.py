@@ -164,7 +164,7 @@ def test_a_redacted_tracking_uri_logs_in_with_the_environment() -> None:
         client_tracking_uri(redacted, environ={"MLFLOW_TRACKING_USERNAME": "alice"})
     message = str(error.value)
     assert message.startswith(f"tracking URI {redacted}: credentials in the URL are not handed")
-    assert "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in message
+    assert "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment" in message
     assert "unifl-mlflow-credentials Secret" in message
     assert message.endswith("not set: MLFLOW_TRACKING_PASSWORD")
     login = {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": URL_PASSWORD}

@@ -15,7 +15,7 @@ does not need the Label Studio token. Secret values are held as
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -69,6 +69,24 @@ SECRET_KEYS: dict[str, dict[str, SecretKeyRef]] = {
     "training": {},
 }
 """Secret-provided environment variables each group requires."""
+
+MLFLOW_CREDENTIALS_SECRET = "unifl-mlflow-credentials"
+"""Optional Secret for an MLflow server behind authentication."""
+MLFLOW_CREDENTIAL_KEYS: tuple[str, str] = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+"""Its keys, mounted as the environment variables MLflow reads its login from."""
+
+
+def unset_secret_keys(names: Sequence[str], secret: str, environ: Mapping[str, str]) -> str:
+    """What to set when any of `names` is unset in `environ`, naming the Secret that holds
+    them on a cluster (for an error message; never a value); "" when all are set."""
+    missing = [name for name in names if not environ.get(name)]
+    if not missing:
+        return ""
+    return (
+        f"set {' and '.join(names)} in the environment (on a cluster: the {secret} Secret); "
+        f"not set: {', '.join(missing)}"
+    )
+
 
 NAMESPACE_ENV = "UNIFL_NAMESPACE"
 """Set from the downward API (metadata.namespace); the service-account file is the fallback."""

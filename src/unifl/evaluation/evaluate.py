@@ -67,9 +67,9 @@ from unifl.evaluation.report import write_report
 from unifl.evaluation.throughput import timed_generate, warm_up
 from unifl.io import atomic_directory, check_output_apart, split_lines, write_json
 
-KEY_COLUMNS: tuple[str, ...] = ("prompt_id", "prompt")
 logger = logging.getLogger(__name__)
 
+KEY_COLUMNS: tuple[str, ...] = ("prompt_id", "prompt")
 CAPTION_OBJECTS = "caption_objects"
 """Objects named by each caption: weights per-image caption-match into the pooled rate."""
 

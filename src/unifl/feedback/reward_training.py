@@ -453,8 +453,11 @@ def train_reward_model(
 
     # `val_metrics` of the last epoch describe the final weights: calibrate from them.
     calibrated = {dim: val_metrics[f"alpha/{dim}"] for dim in model.dimensions}
-    unset = [dim for dim, alpha in calibrated.items() if not math.isfinite(alpha)]
-    unset = [dim for dim in unset if dim not in config.alpha_override]
+    unset = [
+        dim
+        for dim, alpha in calibrated.items()
+        if not math.isfinite(alpha) and dim not in config.alpha_override
+    ]
     if unset:
         raise RewardTrainingError(
             f"alpha of {unset} cannot be calibrated: the validation split has no pair with a "

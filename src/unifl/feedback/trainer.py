@@ -1086,6 +1086,13 @@ class FeedbackTrainer:
         if checkpoint is None:
             return 0
         step, path, state = checkpoint
+        if state.get("num_processes") != self.accelerator.num_processes:
+            logger.warning(
+                "%s: resuming with %s processes, the checkpoint used %s: the data order differs",
+                path,
+                self.accelerator.num_processes,
+                state.get("num_processes"),
+            )
         self.accelerator.load_state(str(path))
         self.history = [
             {k: (float("nan") if v is None else v) for k, v in row.items()}
@@ -1129,13 +1136,6 @@ class FeedbackTrainer:
         if step > self.steps:
             raise ResumeError(
                 f"{path}: the checkpoint is at step {step}, past {self.stage_name}.steps={self.steps}"
-            )
-        if state.get("num_processes") != self.accelerator.num_processes:
-            logger.warning(
-                "%s: resuming with %s processes, the checkpoint used %s: the data order differs",
-                path,
-                self.accelerator.num_processes,
-                state.get("num_processes"),
             )
         return step, path, state
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from unifl.cluster.settings import SECRET_KEYS, unset_secret_keys
 from unifl.labeling.tasks import pair_image_paths, read_pair_manifest, s3_key
 from unifl.tracking.redaction import redact_url_credentials
 
@@ -31,12 +32,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CREDENTIAL_ENV: tuple[str, str] = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-"""The environment variables the upload needs (boto3's names)."""
+CREDENTIAL_ENV: tuple[str, ...] = tuple(SECRET_KEYS["s3"])
+"""The environment variables the upload needs (boto3's names), from the S3 Secret."""
+CREDENTIALS_SECRET = SECRET_KEYS["s3"]["AWS_ACCESS_KEY_ID"].secret
 SESSION_TOKEN_ENV = "AWS_SESSION_TOKEN"
 ENDPOINT_ENV: tuple[str, str] = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 """Where the endpoint comes from when `labeling.s3_endpoint` is unset, in this order."""
-CREDENTIALS_SECRET = "unifl-s3-credentials"
 
 
 class ObjectStoreError(ValueError):
@@ -69,16 +70,12 @@ def storage_endpoint(
 
 
 def _credentials(environ: Mapping[str, str], destination: str) -> dict[str, str]:
-    missing = [name for name in CREDENTIAL_ENV if not environ.get(name)]
-    if missing:
-        raise ObjectStoreError(
-            f"uploading the pair images to {destination} needs {' and '.join(CREDENTIAL_ENV)} "
-            f"in the environment (on a cluster: the {CREDENTIALS_SECRET} Secret); not set: "
-            f"{', '.join(missing)}"
-        )
+    unset = unset_secret_keys(CREDENTIAL_ENV, CREDENTIALS_SECRET, environ)
+    if unset:
+        raise ObjectStoreError(f"uploading the pair images to {destination}: {unset}")
     credentials = {
-        "aws_access_key_id": environ[CREDENTIAL_ENV[0]],
-        "aws_secret_access_key": environ[CREDENTIAL_ENV[1]],
+        "aws_access_key_id": environ["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": environ["AWS_SECRET_ACCESS_KEY"],
     }
     if environ.get(SESSION_TOKEN_ENV):
         credentials["aws_session_token"] = environ[SESSION_TOKEN_ENV]

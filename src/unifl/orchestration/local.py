@@ -209,12 +209,12 @@ def tracking_credentials_env(tracking_uri: str) -> dict[str, str]:
     """
     from urllib.parse import unquote, urlsplit
 
-    from unifl.tracking.runs import TRACKING_CREDENTIAL_ENV
+    from unifl.cluster.settings import MLFLOW_CREDENTIAL_KEYS
 
     parts = urlsplit(tracking_uri)
     if parts.username is None or parts.password is None:
         return {}
-    username, password = TRACKING_CREDENTIAL_ENV
+    username, password = MLFLOW_CREDENTIAL_KEYS
     return {username: unquote(parts.username), password: unquote(parts.password)}
 
 

@@ -56,10 +56,6 @@ _MLFLOW_RUN_NAME_TAG = "mlflow.runName"
 _MLFLOW_USER_TAG = "mlflow.user"
 _MLFLOW_SOURCE_TAG = "mlflow.source.name"
 
-TRACKING_CREDENTIAL_ENV: tuple[str, str] = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-"""Where MLflow reads the login of an authenticating server (the unifl-mlflow-credentials
-Secret on a cluster)."""
-TRACKING_CREDENTIALS_SECRET = "unifl-mlflow-credentials"
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.:/@+-]{1,200}$")
 _BATCH = 100  # MLflow accepts at most 100 params or tags per log_batch call
@@ -92,18 +88,22 @@ def client_tracking_uri(uri: str, environ: Mapping[str, str] | None = None) -> s
 
     The configuration a pipeline step receives has URL credentials redacted
     (``https://user:***@host``): such a URI cannot log in, so the step takes the login from
-    `TRACKING_CREDENTIAL_ENV` and connects to the URI without user info. Anything else is
+    `MLFLOW_CREDENTIAL_KEYS` and connects to the URI without user info. Anything else is
     returned as it is.
     """
     if not has_redacted_password(uri):
         return uri
+    from unifl.cluster.settings import (
+        MLFLOW_CREDENTIAL_KEYS,
+        MLFLOW_CREDENTIALS_SECRET,
+        unset_secret_keys,
+    )
+
     environ = os.environ if environ is None else environ
-    missing = [name for name in TRACKING_CREDENTIAL_ENV if not environ.get(name)]
-    if missing:
+    unset = unset_secret_keys(MLFLOW_CREDENTIAL_KEYS, MLFLOW_CREDENTIALS_SECRET, environ)
+    if unset:
         raise TrackingError(
-            f"tracking URI {uri}: credentials in the URL are not handed from step to step; "
-            f"set {' and '.join(TRACKING_CREDENTIAL_ENV)} (on a cluster: the "
-            f"{TRACKING_CREDENTIALS_SECRET} Secret); not set: {', '.join(missing)}"
+            f"tracking URI {uri}: credentials in the URL are not handed from step to step; {unset}"
         )
     return without_url_credentials(uri)
 
