@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from pair_directories import write_pair_directory
 from unifl.cli import app
 from unifl.config import DIMENSIONS, load_params
 from unifl.data.preferences import OVERALL, read_pairs
@@ -29,7 +30,6 @@ from unifl.labeling.export import convert_export
 from unifl.labeling.label_config import build_label_config
 from unifl.labeling.object_store import ObjectStoreError, upload_pair_images
 from unifl.labeling.pipeline import label_pairs, pull_labels, push_pairs
-from unifl.labeling.tasks import write_pair_manifest
 
 pytestmark = pytest.mark.integration
 
@@ -56,27 +56,9 @@ def channel_scores(paths, prompts):
 
 
 def make_pairs(directory: Path) -> list[dict]:
-    (directory / "images").mkdir(parents=True)
-    rows = []
-    for i in range(len(COLOURS) // 2):
-        for side, colour in zip("ab", COLOURS[2 * i : 2 * i + 2], strict=True):
-            Image.new("RGB", (16, 16), colour).save(directory / "images" / f"p{i}_{side}.png")
-        rows.append(
-            {
-                "pair_id": f"p{i}",
-                "prompt": f"a test scene {i}",
-                "image_a": f"images/p{i}_a.png",
-                "image_b": f"images/p{i}_b.png",
-                "seed_a": 2 * i,
-                "seed_b": 2 * i + 1,
-                "model_version": "toy-test",
-                "steps": 2,
-                "guidance_scale": 7.5,
-                "timestep_spacing": "leading",
-            }
-        )
-    write_pair_manifest(directory, rows)
-    return rows
+    return write_pair_directory(
+        directory, list(zip(COLOURS[::2], COLOURS[1::2], strict=True)), size=16
+    )
 
 
 def labeling_params(label_studio, document_root: Path, **extra: str):
@@ -424,16 +406,15 @@ def test_s3_storage_serves_the_uploaded_images(
     bucket, prefix = new_bucket(s3_server), "runs/7/pairs"
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test-key-id")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
-    params = labeling_params(
-        label_studio,
-        tmp_path,
+    storage = dict(
         storage="s3",
         s3_bucket=bucket,
         s3_prefix=prefix,
         s3_endpoint=s3_server,
         s3_region="us-east-1",
-        s3_presign=True,
-        presign_ttl_minutes="5",
+    )
+    params = labeling_params(
+        label_studio, tmp_path, **storage, s3_presign=True, presign_ttl_minutes="5"
     )
     # The push uploads the images under the keys the tasks name; a second push finds them.
     pushed = push_pairs(label_studio_client, params.labeling, pairs_dir)
@@ -468,16 +449,7 @@ def test_s3_storage_serves_the_uploaded_images(
 
     # Without presigned URLs (the in-cluster setting) Label Studio streams the image itself;
     # another project on the same pairs finds every image already in the bucket.
-    proxied = labeling_params(
-        label_studio,
-        tmp_path,
-        storage="s3",
-        s3_bucket=bucket,
-        s3_prefix=prefix,
-        s3_endpoint=s3_server,
-        s3_region="us-east-1",
-        s3_presign=False,
-    )
+    proxied = labeling_params(label_studio, tmp_path, **storage, s3_presign=False)
     streamed_push = push_pairs(label_studio_client, proxied.labeling, pairs_dir)
     assert (streamed_push.images_uploaded, streamed_push.images_already_present) == (0, 6)
     task_id = streamed_push.task_ids_by_pair["p2"]

@@ -11,6 +11,7 @@ from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 from typer.testing import CliRunner
 
+from pair_directories import write_pair_directory
 from unifl.cli import app
 from unifl.config import DIMENSIONS, load_params
 from unifl.data.preferences import OVERALL, read_pairs, read_votes
@@ -27,7 +28,6 @@ from unifl.labeling.annotators import (
 from unifl.labeling.export import convert_export
 from unifl.labeling.label_config import build_label_config
 from unifl.labeling.pipeline import label_pairs
-from unifl.labeling.tasks import write_pair_manifest
 
 # Keys of a task and of an annotation in a JSON export of Label Studio 1.23.2
 # Community (recorded from a real server; the integration test re-checks them live).
@@ -63,28 +63,11 @@ def channel_scorer_factory(params):
 
 def make_pairs(directory: Path, count: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
-    rows = []
-    (directory / "images").mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        for side in ("a", "b"):
-            colour = tuple(int(v) for v in rng.integers(0, 256, size=3))
-            Image.new("RGB", (8, 8), colour).save(directory / "images" / f"p{i}_{side}.png")
-        rows.append(
-            {
-                "pair_id": f"p{i}",
-                "prompt": f"prompt {i}",
-                "image_a": f"images/p{i}_a.png",
-                "image_b": f"images/p{i}_b.png",
-                "seed_a": 2 * i,
-                "seed_b": 2 * i + 1,
-                "model_version": "toy-test",
-                "steps": 2,
-                "guidance_scale": 7.5,
-                "timestep_spacing": "leading",
-            }
-        )
-    write_pair_manifest(directory, rows)
-    return rows
+    colours = [
+        tuple(tuple(int(v) for v in rng.integers(0, 256, size=3)) for _ in "ab")
+        for _ in range(count)
+    ]
+    return write_pair_directory(directory, colours)
 
 
 def test_panel_levels_and_seeds():

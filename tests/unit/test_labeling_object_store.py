@@ -7,11 +7,11 @@ tests/integration/test_label_studio.py.
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
+from pair_directories import write_pair_directory
 from unifl.config import load_params
 from unifl.labeling.object_store import ObjectStoreError, storage_endpoint, upload_pair_images
-from unifl.labeling.tasks import PairManifestError, pair_image_paths, write_pair_manifest
+from unifl.labeling.tasks import PairManifestError, pair_image_paths
 
 KEY_ID = "AKIAUNITTEST00000042"
 SECRET_KEY = "unit-test-secret-7c1f9e2d4b"
@@ -23,29 +23,7 @@ def labeling(**settings: str):
 
 
 def make_pairs(directory: Path, count: int = 2) -> list[dict]:
-    (directory / "images").mkdir(parents=True)
-    rows = []
-    for i in range(count):
-        for side in "ab":
-            Image.new("RGB", (8, 8), (40 * i, 100, 200)).save(
-                directory / "images" / f"p{i}_{side}.png"
-            )
-        rows.append(
-            {
-                "pair_id": f"p{i}",
-                "prompt": f"scene {i}",
-                "image_a": f"images/p{i}_a.png",
-                "image_b": f"images/p{i}_b.png",
-                "seed_a": 2 * i,
-                "seed_b": 2 * i + 1,
-                "model_version": "toy-test",
-                "steps": 2,
-                "guidance_scale": 7.5,
-                "timestep_spacing": "leading",
-            }
-        )
-    write_pair_manifest(directory, rows)
-    return rows
+    return write_pair_directory(directory, [((40 * i, 100, 200),) * 2 for i in range(count)])
 
 
 def test_image_paths_map_every_relative_path_to_its_file(tmp_path):
